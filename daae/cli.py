@@ -1,0 +1,105 @@
+"""`daae train | eval | sample | tune`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .data import DataError
+
+log = logging.getLogger("daae")
+USER_ERRORS = (ConfigError, CheckpointError, DataError)
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .runs import load_run_config
+    from .train import train
+
+    if args.resume and not args.config:
+        config = load_run_config(args.resume, args.overrides)
+    elif args.config:
+        config = load_config(args.config, args.overrides)
+    else:
+        raise ConfigError("daae train needs --config FILE (or --resume RUN_DIR)")
+    result = train(config, resume=args.resume)
+    log.info("finished %s: %s", result["run_dir"], json.dumps(
+        {k: v for k, v in result.get("test", result.get("validation", {})).items()}))
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluate import evaluate_run
+
+    metrics = evaluate_run(args.checkpoint, split=args.split, overrides=args.overrides,
+                           device=args.device)
+    if args.json:
+        sys.stdout.write(json.dumps(metrics, sort_keys=True) + "\n")
+    else:
+        for key, value in sorted(metrics.items()):
+            sys.stdout.write(f"{key:28s} {value}\n")
+    return 0
+
+
+def _sample(args) -> int:
+    from .sample import write_sample
+
+    path = write_sample(args.checkpoint, kind=args.kind, n=args.n, seed=args.seed, out=args.out,
+                        device=args.device)
+    log.info("wrote %s", path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="daae", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train one model")
+    train.add_argument("--config", help="YAML config (configs/mnist.yaml)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="metrics of a trained run (DESIGN.md section 4)")
+    evaluate.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
+    evaluate.add_argument("--split", choices=("test", "validation"), default="test")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value",
+                          help="overrides of the run's config, e.g. eval.probe_epochs=5")
+    evaluate.set_defaults(handler=_eval)
+
+    sample = commands.add_parser("sample", help="PNG grids of what a trained run generates")
+    sample.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
+    sample.add_argument("--kind", required=True, choices=("style", "random", "interpolate"))
+    sample.add_argument("--n", type=int, default=8, help="rows of the grid")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", required=True, metavar="FILE.png")
+    sample.add_argument("--device", default=None)
+    sample.set_defaults(handler=_sample)
+
+    commands.add_parser("tune", help="Ray Tune search (see `daae tune --help`)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tune"]:
+        # Ray is imported only here, so plain training never loads it.
+        from tune.cli import main as tune_main
+
+        return tune_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    from accelerate.state import PartialState
+
+    # Only the main process talks; the others would repeat every line.
+    level = logging.INFO if PartialState().is_main_process else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except USER_ERRORS as exc:
+        log.error("%s", exc)
+        return 2

@@ -1,0 +1,309 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML plus
+``dotted.key=value`` overrides.
+
+Every key is declared here with its type, so a typo in a YAML file or in a
+search space raises instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"  # mnist | svhn | synthetic
+    # Folder with the raw files; None: $DAAE_DATA_DIR, else a per-user cache.
+    root: Optional[str] = None
+    download: bool = True
+    # None: every training image is labelled (protocol ALL).
+    labels_per_class: Optional[int] = 10
+    validation_size: int = 10000
+    # The validation split is drawn with its own seed so that every seed
+    # (labelled subset) is selected on the same held-out images.
+    split_seed: int = 0
+    svhn_extra: bool = False
+    # Only for name=synthetic: a small class-structured set for tests/smoke runs.
+    synthetic_train_size: int = 3000
+    synthetic_test_size: int = 500
+    synthetic_image_size: int = 28
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "conv"  # mlp | conv
+    z_dim: int = 9
+    # MLP: hidden width 1000*scale; conv: channel multiplier s.
+    scale: float = 2.0
+    # Width of the hidden layers of D_z, D_y and the correlation classifier C.
+    adversary_hidden: int = 1000
+    input_noise: float = 0.3
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 100
+    epochs: int = 150
+    # Stop after this many iterations (smoke runs); None: run all epochs.
+    max_steps: Optional[int] = None
+    lr: float = 3e-4
+    lr_milestones: list[int] = field(default_factory=lambda: [20, 50])
+    lr_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    # reference: six phases, each its own forward and optimizer step, in
+    # DESIGN.md order; fused: one encoder forward feeds every encoder loss.
+    step_mode: str = "reference"  # reference | fused
+    # Each reference phase has its own Adam, which is invariant to the scale of
+    # its loss; scaling the phase's learning rate by its weight (as the
+    # reference does for decorrelation) is what makes the weights matter.
+    weights_scale_lr: bool = True
+
+
+@dataclass
+class LossConfig:
+    reconstruction: float = 1.0
+    adversarial_z: float = 1.0
+    adversarial_y: float = 1.0
+    supervised: float = 1.0
+    decorrelation: float = 0.5  # 0 turns the phase off
+    decorrelation_objective: str = "maximize_ce"  # maximize_ce | uniform
+    decorrelation_start_epoch: int = 1
+    correlation_target: str = "soft"  # soft: q(y|x); hard: its argmax
+
+
+@dataclass
+class EvalConfig:
+    # Post-hoc probes on frozen z (DESIGN.md section 4).
+    probe_hidden: int = 1000
+    probe_epochs: int = 10
+    probe_train_size: int = 20000
+    probe_batch_size: int = 256
+    probe_lr: float = 1e-3
+    # Run the (slower) probes at every periodic evaluation, not only at the end.
+    probes_during_training: bool = False
+    # Report test metrics in metrics.json at the end (never used for selection).
+    final_test: bool = True
+    batch_size: int = 1000
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs"
+    name: Optional[str] = None  # None: a timestamped name
+    log_every: int = 50
+    eval_every: int = 1000
+    checkpoint_every: int = 1000
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES = {
+    "data.name": ("mnist", "svhn", "synthetic"),
+    "model.kind": ("mlp", "conv"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.step_mode": ("reference", "fused"),
+    "loss.decorrelation_objective": ("maximize_ce", "uniform"),
+    "loss.correlation_target": ("soft", "hard"),
+}
+CLASS_SIZES = {"mnist": 5421, "svhn": 4659}  # smallest class of each training set
+
+
+# --------------------------------------------------------------------------- types
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``hint``; ints pass as floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key}: expected {name}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f"{prefix}{k}" for k in hints)
+            raise ConfigError(f"unknown key '{dotted}'; known keys here: {known}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, hint, dotted)
+    return cls(**kwargs)
+
+
+def from_dict(values: dict) -> Config:
+    config = _build(Config, values or {}, "")
+    validate(config)
+    return config
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+# ----------------------------------------------------------------------- overrides
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` with the value read as a YAML scalar or flow list."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}': expected the form dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({exc})") from None
+    return key.strip(), value
+
+
+def set_dotted(values: dict, key: str, value: Any) -> None:
+    node = values
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(values, key, value)
+    return values
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file '{path}': the top level must be a mapping")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    values = read_yaml(path) if path is not None else {}
+    try:
+        return from_dict(apply_overrides(values, list(overrides)))
+    except ConfigError as exc:
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{exc}{where}") from None
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# ---------------------------------------------------------------------- validation
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(config: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        _require(value in allowed, key, f"got {value!r}; expected one of {', '.join(allowed)}")
+
+    data, model, train, loss = config.data, config.model, config.train, config.loss
+    if data.labels_per_class is not None:
+        _require(data.labels_per_class >= 1, "data.labels_per_class",
+                 "must be at least 1 (or null for every label)")
+        smallest = CLASS_SIZES.get(data.name)
+        if smallest is not None:
+            _require(data.labels_per_class <= smallest, "data.labels_per_class",
+                     f"{data.labels_per_class} is more than the smallest {data.name} class "
+                     f"holds ({smallest}); use at most {smallest}, or null for all labels")
+    _require(data.validation_size >= 1, "data.validation_size", "must be at least 1")
+    _require(data.synthetic_image_size in (28, 32), "data.synthetic_image_size", "must be 28 or 32")
+    _require(data.synthetic_train_size > data.validation_size or data.name != "synthetic",
+             "data.validation_size",
+             f"must be smaller than data.synthetic_train_size ({data.synthetic_train_size})")
+    _require(data.synthetic_test_size >= 1, "data.synthetic_test_size", "must be at least 1")
+    _require(model.z_dim >= 1, "model.z_dim", "must be at least 1")
+    _require(model.scale > 0, "model.scale", "must be positive")
+    _require(model.adversary_hidden >= 1, "model.adversary_hidden", "must be at least 1")
+    _require(model.input_noise >= 0, "model.input_noise", "must be 0 or more")
+    _require(train.batch_size >= 2, "train.batch_size", "must be at least 2 (batch norm)")
+    _require(train.epochs >= 1, "train.epochs", "must be at least 1")
+    _require(train.max_steps is None or train.max_steps >= 1, "train.max_steps",
+             "must be at least 1, or null to run every epoch")
+    _require(train.lr > 0, "train.lr", "must be positive")
+    _require(train.lr_milestones == sorted(train.lr_milestones)
+             and all(m >= 1 for m in train.lr_milestones),
+             "train.lr_milestones", "must be increasing epoch numbers, each at least 1")
+    _require(0 < train.lr_decay <= 1, "train.lr_decay", "must be in (0, 1]")
+    _require(0 <= train.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
+    _require(0 <= train.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
+    for name in ("reconstruction", "adversarial_z", "adversarial_y", "supervised", "decorrelation"):
+        _require(getattr(loss, name) >= 0, f"loss.{name}",
+                 f"must be 0 or more (0 turns the phase off), got {getattr(loss, name)}")
+    _require(loss.decorrelation_start_epoch >= 0, "loss.decorrelation_start_epoch", "must be 0 or more")
+    for name in ("probe_hidden", "probe_epochs", "probe_train_size", "probe_batch_size", "batch_size"):
+        _require(getattr(config.eval, name) >= 1, f"eval.{name}", "must be at least 1")
+    _require(config.eval.probe_lr > 0, "eval.probe_lr", "must be positive")
+    for name in ("log_every", "eval_every", "checkpoint_every"):
+        _require(getattr(config.run, name) >= 1, f"run.{name}", "must be at least 1")

@@ -1,0 +1,149 @@
+"""The metrics of DESIGN.md section 4, computed on one split in eval mode."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .config import EvalConfig
+from .data import ImageSet, to_float
+from .models import Critic, Networks
+
+
+@dataclass
+class Encoded:
+    logits_y: torch.Tensor
+    z: torch.Tensor
+    recon_mse: torch.Tensor
+
+
+@torch.no_grad()
+def encode(nets: Networks, images: torch.Tensor, batch_size: int, device) -> Encoded:
+    """Codes of uint8 ``images`` with the networks in eval mode and no input noise."""
+    was_training = nets.training
+    nets.eval()
+    logits, codes, squared_error = [], [], torch.zeros((), device=device)
+    for start in range(0, len(images), batch_size):
+        x = to_float(images[start:start + batch_size].to(device))
+        logits_y, z = nets.encoder(x)
+        x_hat = nets.decoder(logits_y.softmax(1), z)
+        squared_error += F.mse_loss(x_hat.float(), x, reduction="sum")
+        logits.append(logits_y.float())
+        codes.append(z.float())
+    nets.train(was_training)
+    return Encoded(torch.cat(logits), torch.cat(codes), squared_error / images[0].numel() / len(images))
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(logits.device)
+    return float(metric(logits, labels))
+
+
+def train_probe(probe: nn.Module, z: torch.Tensor, labels: torch.Tensor, config: EvalConfig,
+                seed: int) -> nn.Module:
+    """Fit a fresh classifier on frozen codes, z standardised by its training statistics."""
+    generator = torch.Generator(device=z.device).manual_seed(seed)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=config.probe_lr)
+    probe.train()
+    for _ in range(config.probe_epochs):
+        order = torch.randperm(len(z), generator=generator, device=z.device)
+        for start in range(0, len(z), config.probe_batch_size):
+            index = order[start:start + config.probe_batch_size]
+            loss = F.cross_entropy(probe(z[index]), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    probe.eval()
+    return probe
+
+
+def probe_accuracies(train_z: torch.Tensor, train_labels: torch.Tensor, eval_z: torch.Tensor,
+                     eval_labels: torch.Tensor, num_classes: int, config: EvalConfig,
+                     seed: int) -> dict[str, float]:
+    """How much class a fresh classifier recovers from z (chance: 1/K).
+
+    The adversary C can sit at chance while z still carries the class in a form
+    C has not learned to read (Elazar & Goldberg, 2018); a probe trained from
+    scratch after training is the honest measure.
+    """
+    mean, std = train_z.mean(0), train_z.std(0).clamp_min(1e-6)
+    train_z, eval_z = (train_z - mean) / std, (eval_z - mean) / std
+    z_dim = train_z.shape[1]
+    results = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probes = {"probe_accuracy": Critic(z_dim, num_classes, config.probe_hidden),
+                  "linear_probe_accuracy": nn.Linear(z_dim, num_classes)}
+    for name, probe in probes.items():
+        probe = train_probe(probe.to(train_z.device), train_z, train_labels, config, seed)
+        with torch.no_grad():
+            results[name] = _accuracy(probe(eval_z), eval_labels, num_classes)
+    return results
+
+
+@torch.no_grad()
+def evaluate(nets: Networks, split: ImageSet, labelled: ImageSet, config: EvalConfig,
+             num_classes: int, device, probe_train: ImageSet | None = None,
+             seed: int = 0) -> dict[str, float]:
+    """Metrics on ``split``; with ``probe_train`` also the post-hoc probes."""
+    encoded = encode(nets, split.images, config.batch_size, device)
+    labels = split.labels.to(device)
+    was_training = nets.training
+    nets.eval()
+    adversary_logits = nets.correlation(encoded.z)
+    nets.train(was_training)
+    q = encoded.logits_y.softmax(1)
+    marginal = q.mean(0)
+    metrics = {
+        "accuracy": _accuracy(encoded.logits_y, labels, num_classes),
+        "adversary_accuracy": float((adversary_logits.argmax(1) == q.argmax(1)).float().mean()),
+        "recon_mse": float(encoded.recon_mse),
+        "z_mean": float(encoded.z.mean()),
+        "z_std": float(encoded.z.std()),
+        "y_marginal_entropy": float(-(marginal * marginal.clamp_min(1e-12).log()).sum()),
+        "y_marginal_entropy_max": math.log(num_classes),
+    }
+    labelled_logits = encode(nets, labelled.images, config.batch_size, device).logits_y
+    metrics["labelled_accuracy"] = _accuracy(labelled_logits, labelled.labels.to(device), num_classes)
+    if probe_train is not None:
+        subset = probe_train.subset(torch.randperm(
+            len(probe_train), generator=torch.Generator().manual_seed(seed))[:config.probe_train_size])
+        train_z = encode(nets, subset.images, config.batch_size, device).z
+        with torch.enable_grad():
+            metrics.update(probe_accuracies(train_z, subset.labels.to(device), encoded.z, labels,
+                                            num_classes, config, seed))
+    return metrics
+
+
+def tensorboard_tags(split_name: str, metrics: dict[str, float]) -> dict[str, float]:
+    """DESIGN.md's metric families as TensorBoard tags, per split."""
+    family = {"accuracy": f"{split_name}/accuracy",
+              "labelled_accuracy": "train/labelled_accuracy",
+              "adversary_accuracy": f"decorrelation/{split_name}/adversary_accuracy",
+              "probe_accuracy": f"decorrelation/{split_name}/probe_accuracy",
+              "linear_probe_accuracy": f"decorrelation/{split_name}/linear_probe_accuracy",
+              "recon_mse": f"recon/{split_name}/mse",
+              "z_mean": f"z/{split_name}/mean",
+              "z_std": f"z/{split_name}/std",
+              "y_marginal_entropy": f"y/{split_name}/marginal_entropy"}
+    return {family[k]: v for k, v in metrics.items() if k in family}
+
+
+def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device=None) -> dict:
+    """``daae eval``: the metrics of a run folder's last checkpoint on one split,
+    probes included, as flat keys."""
+    from .runs import load_trained_run
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run = load_trained_run(run_dir, device, overrides)
+    data = run.data
+    target = data.test if split == "test" else data.validation
+    metrics = evaluate(run.nets, target, data.labelled, run.config.eval, data.num_classes, device,
+                       data.train_images(), run.config.seed)
+    flat = {f"{split}_accuracy" if key == "accuracy" else key: value for key, value in metrics.items()}
+    flat.update(split=split, step=int(run.state["step"]))
+    return flat

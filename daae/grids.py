@@ -1,0 +1,64 @@
+"""Image grids for TensorBoard and PNG files (no torchvision)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def make_grid(images: torch.Tensor, rows: int, padding: int = 2) -> torch.Tensor:
+    """N x C x H x W in [0, 1] -> one C x H' x W' image, filled row by row."""
+    n, c, h, w = images.shape
+    cols = -(-n // rows)
+    if n < rows * cols:
+        images = torch.cat([images, images.new_zeros(rows * cols - n, c, h, w)])
+    images = F.pad(images, (padding, 0, padding, 0), value=1.0)
+    grid = images.view(rows, cols, c, h + padding, w + padding).permute(2, 0, 3, 1, 4)
+    grid = grid.reshape(c, rows * (h + padding), cols * (w + padding))
+    return F.pad(grid, (0, padding, 0, padding), value=1.0)
+
+
+def save_png(grid: torch.Tensor, path: str | Path) -> None:
+    """Write a C x H x W grid in [0, 1] as PNG, atomically."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@torch.no_grad()
+def decode_classes(decoder, z: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Each row of ``z`` decoded as every class 0..K-1: (rows*K) x C x H x W."""
+    rows = len(z)
+    y = torch.eye(num_classes, device=z.device).repeat(rows, 1)
+    return decoder(y, z.repeat_interleave(num_classes, dim=0)).float()
+
+
+@torch.no_grad()
+def training_grids(nets, images: torch.Tensor, num_classes: int, z_dim: int,
+                   generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Reconstructions (originals above their reconstructions) and the classes
+    decoded with a few random styles, for TensorBoard."""
+    was_training = nets.training
+    nets.eval()
+    logits_y, z = nets.encoder(images)
+    reconstructions = nets.decoder(logits_y.softmax(1), z).float()
+    styles = torch.randn(4, z_dim, generator=generator, device=generator.device).to(images.device)
+    classes = decode_classes(nets.decoder, styles, num_classes)
+    nets.train(was_training)
+    return {"images/reconstructions": make_grid(torch.cat([images.float(), reconstructions]), rows=2),
+            "images/classes_by_style": make_grid(classes, rows=len(styles))}

@@ -1,0 +1,165 @@
+"""The networks of DESIGN.md section 1. No training code lives here."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CONV_CHANNELS = (16, 16, 32, 32, 64, 64, 128)
+DENSE_UNITS = 1000
+
+
+def _dense(n_in: int, n_out: int) -> list[nn.Module]:
+    """A hidden layer: batch norm makes the bias redundant."""
+    return [nn.Linear(n_in, n_out, bias=False), nn.BatchNorm1d(n_out), nn.ReLU(inplace=True)]
+
+
+def _conv_sizes(size: int, count: int) -> list[int]:
+    """Spatial sizes after each stride-2, padding-1, 3x3 convolution."""
+    sizes = [size]
+    for _ in range(count):
+        sizes.append((sizes[-1] - 1) // 2 + 1)
+    return sizes
+
+
+class Encoder(nn.Module):
+    """x -> (logits of q(y|x), z). ``trunk`` is shared; the two heads are separate
+    so that phases can update trunk + one head."""
+
+    def __init__(self, trunk: nn.Module, features: int, num_classes: int, z_dim: int):
+        super().__init__()
+        self.trunk = trunk
+        self.y_head = nn.Linear(features, num_classes)
+        # Batch norm on z keeps its scale near the N(0, I) prior from the start.
+        self.z_head = nn.Sequential(nn.Linear(features, z_dim, bias=False), nn.BatchNorm1d(z_dim))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(x)
+        return self.y_head(h), self.z_head(h)
+
+    def y_branch_parameters(self):
+        return [*self.trunk.parameters(), *self.y_head.parameters()]
+
+    def z_branch_parameters(self):
+        return [*self.trunk.parameters(), *self.z_head.parameters()]
+
+
+class Decoder(nn.Module):
+    """[q(y|x), z] -> x_hat in [0, 1]."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.body(torch.cat([y, z], dim=1)))
+
+
+class MLPEncoderTrunk(nn.Module):
+    def __init__(self, image_shape: tuple[int, int, int], hidden: int):
+        super().__init__()
+        pixels = image_shape[0] * image_shape[1] * image_shape[2]
+        self.net = nn.Sequential(*_dense(pixels, hidden), *_dense(hidden, hidden))
+
+    def forward(self, x):
+        return self.net(x.flatten(1))
+
+
+class MLPDecoderBody(nn.Module):
+    def __init__(self, code: int, hidden: int, image_shape: tuple[int, int, int]):
+        super().__init__()
+        self.image_shape = image_shape
+        pixels = image_shape[0] * image_shape[1] * image_shape[2]
+        self.net = nn.Sequential(*_dense(code, hidden), *_dense(hidden, hidden),
+                                 nn.Linear(hidden, pixels))
+
+    def forward(self, code):
+        return self.net(code).view(-1, *self.image_shape)
+
+
+def _conv_block(n_in: int, n_out: int, transposed: bool = False, output_padding: int = 0):
+    conv = (nn.ConvTranspose2d(n_in, n_out, 3, 2, 1, output_padding=output_padding, bias=False)
+            if transposed else nn.Conv2d(n_in, n_out, 3, 2, 1, bias=False))
+    return [conv, nn.BatchNorm2d(n_out), nn.ReLU(inplace=True)]
+
+
+class ConvEncoderTrunk(nn.Module):
+    def __init__(self, image_shape: tuple[int, int, int], scale: float):
+        super().__init__()
+        channels = [image_shape[0]] + [max(1, round(c * scale)) for c in CONV_CHANNELS]
+        layers = []
+        for n_in, n_out in zip(channels[:-1], channels[1:]):
+            layers += _conv_block(n_in, n_out)
+        final = _conv_sizes(image_shape[1], len(CONV_CHANNELS))[-1]
+        self.convs = nn.Sequential(*layers)
+        self.dense = nn.Sequential(*_dense(channels[-1] * final * final, DENSE_UNITS))
+
+    def forward(self, x):
+        return self.dense(self.convs(x).flatten(1))
+
+
+class ConvDecoderBody(nn.Module):
+    """Mirror of the conv encoder; output paddings restore the encoder's sizes exactly."""
+
+    def __init__(self, code: int, image_shape: tuple[int, int, int], scale: float):
+        super().__init__()
+        channels = [image_shape[0]] + [max(1, round(c * scale)) for c in CONV_CHANNELS]
+        sizes = _conv_sizes(image_shape[1], len(CONV_CHANNELS))
+        self.start = (channels[-1], sizes[-1], sizes[-1])
+        self.dense = nn.Sequential(*_dense(code, DENSE_UNITS),
+                                   *_dense(DENSE_UNITS, channels[-1] * sizes[-1] ** 2))
+        layers = []
+        for i in range(len(CONV_CHANNELS), 0, -1):
+            output_padding = sizes[i - 1] - (2 * sizes[i] - 1)
+            if i > 1:
+                layers += _conv_block(channels[i], channels[i - 1], True, output_padding)
+            else:  # the image layer: no norm, no activation (the decoder applies sigmoid)
+                layers.append(nn.ConvTranspose2d(channels[1], channels[0], 3, 2, 1,
+                                                 output_padding=output_padding))
+        self.deconvs = nn.Sequential(*layers)
+
+    def forward(self, code):
+        return self.deconvs(self.dense(code).view(-1, *self.start))
+
+
+def build_autoencoder(kind: str, image_shape: tuple[int, int, int], num_classes: int,
+                      z_dim: int, scale: float) -> tuple[Encoder, Decoder]:
+    if kind == "mlp":
+        hidden = max(1, round(1000 * scale))
+        trunk, features = MLPEncoderTrunk(image_shape, hidden), hidden
+        body = MLPDecoderBody(num_classes + z_dim, hidden, image_shape)
+    elif kind == "conv":
+        if image_shape[1] != image_shape[2] or image_shape[1] not in (28, 32):
+            raise ValueError(f"the conv model takes 28x28 or 32x32 images, got {image_shape}")
+        trunk, features = ConvEncoderTrunk(image_shape, scale), DENSE_UNITS
+        body = ConvDecoderBody(num_classes + z_dim, image_shape, scale)
+    else:
+        raise ValueError(f"model kind must be 'mlp' or 'conv', got {kind!r}")
+    return Encoder(trunk, features, num_classes, z_dim), Decoder(body)
+
+
+class Critic(nn.Module):
+    """An MLP with two hidden layers: D_z and D_y (one logit) and the correlation
+    classifier C (K logits) are all of this shape. No batch norm: the
+    discriminators see real and fake batches separately, and batch statistics
+    would let them tell the two apart by the batch rather than the sample."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, out_features))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Networks(nn.Module):
+    """All five networks under one module, for state dicts and parameter counts."""
+
+    def __init__(self, kind: str, image_shape: tuple[int, int, int], num_classes: int,
+                 z_dim: int, scale: float, adversary_hidden: int):
+        super().__init__()
+        self.encoder, self.decoder = build_autoencoder(kind, image_shape, num_classes, z_dim, scale)
+        self.d_z = Critic(z_dim, 1, adversary_hidden)
+        self.d_y = Critic(num_classes, 1, adversary_hidden)
+        self.correlation = Critic(z_dim, num_classes, adversary_hidden)

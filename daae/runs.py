@@ -1,0 +1,78 @@
+"""Run folders: naming, the resolved config, metrics.json, and rebuilding a
+trained model from a folder (for eval, sampling and resume)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import Config, ConfigError, load_config
+from .data import SemiSupervisedData, load_data
+from .models import Networks
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+
+
+def build_networks(config: Config, image_shape: tuple[int, int, int], num_classes: int) -> Networks:
+    model = config.model
+    return Networks(model.kind, image_shape, num_classes, model.z_dim, model.scale,
+                    model.adversary_hidden)
+
+
+def new_run_dir(config: Config) -> Path:
+    parent = Path(config.run.dir)
+    if config.run.name:
+        return parent / config.run.name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = f"{stamp}-{config.data.name}-{config.model.kind}-seed{config.seed}"
+    candidate, suffix = parent / base, 1
+    while candidate.exists():
+        suffix += 1
+        candidate = parent / f"{base}-{suffix}"
+    return candidate
+
+
+def write_json(data: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a daae run folder: it has no {CONFIG_FILE}. "
+                          f"Pass the folder that `daae train` wrote (run.dir/run.name).")
+    return load_config(path, overrides)
+
+
+@dataclass
+class TrainedRun:
+    config: Config
+    data: SemiSupervisedData
+    nets: Networks
+    state: dict
+
+
+def load_trained_run(run_dir: str | Path, device="cpu", overrides: list[str] = ()) -> TrainedRun:
+    """The networks of a run folder's last checkpoint, in eval mode, and its data."""
+    config = load_run_config(run_dir, overrides)
+    state = checkpoint.load(run_dir)
+    data = load_data(config.data, config.seed)
+    nets = build_networks(config, data.image_shape, data.num_classes)
+    try:
+        nets.load_state_dict(state["networks"])
+    except RuntimeError as exc:
+        raise checkpoint.CheckpointError(
+            f"the checkpoint in {run_dir} does not fit the model its {CONFIG_FILE} describes "
+            f"(model.kind={config.model.kind}, model.scale={config.model.scale}): {exc}") from None
+    return TrainedRun(config, data, nets.to(device).eval(), state)

@@ -1,0 +1,352 @@
+"""train(config): the one training function behind `daae train` and every Tune trial."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
+
+from . import checkpoint, phases
+from .config import Config, ConfigError, save_config, to_dict
+from .data import DeviceBatches, load_data, to_float
+from .evaluate import evaluate, tensorboard_tags
+from .grids import save_png, training_grids
+from .runs import CONFIG_FILE, METRICS_FILE, build_networks, new_run_dir, write_json
+
+log = logging.getLogger(__name__)
+
+LOSS_NAMES = ("reconstruction", "discriminator_z", "discriminator_y", "adversarial_z",
+              "adversarial_y", "supervised", "correlation", "decorrelation")
+NETWORK_ORDER = ("encoder", "decoder", "d_z", "d_y", "correlation")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the run stops before writing another checkpoint."""
+
+
+@dataclass
+class Hooks:
+    """Callbacks for code that drives train() (Ray Tune); called on the main process."""
+    on_evaluation: Optional[Callable[[int, dict], None]] = None  # (step, validation metrics)
+    on_checkpoint: Optional[Callable[[int, Path], None]] = None  # (step, checkpoint file)
+
+
+# ----------------------------------------------------------------------- optimizers
+
+def build_optimizers(nets, config: Config) -> dict[str, torch.optim.Optimizer]:
+    """One Adam per phase (reference) or per side (fused), in a fixed order."""
+    train, loss = config.train, config.loss
+
+    def adam(params, weight: float = 1.0):
+        lr = train.lr * (weight if train.weights_scale_lr and train.step_mode == "reference" else 1.0)
+        optimizer = torch.optim.Adam(params, lr=lr, betas=(train.adam_beta1, train.adam_beta2))
+        for group in optimizer.param_groups:
+            group["base_lr"] = lr
+        return optimizer
+
+    enc, dec = nets.encoder, nets.decoder
+    if train.step_mode == "fused":
+        return {"autoencoder": adam([*enc.parameters(), *dec.parameters()]),
+                "critics": adam([*nets.d_z.parameters(), *nets.d_y.parameters(),
+                                 *nets.correlation.parameters()])}
+    return {
+        "reconstruction": adam([*enc.parameters(), *dec.parameters()], loss.reconstruction),
+        "discriminators": adam([*nets.d_z.parameters(), *nets.d_y.parameters()]),
+        "adversarial_z": adam(enc.z_branch_parameters(), loss.adversarial_z),
+        "adversarial_y": adam(enc.y_branch_parameters(), loss.adversarial_y),
+        "supervised": adam(enc.y_branch_parameters(), loss.supervised),
+        "correlation": adam(nets.correlation.parameters()),
+        "decorrelation": adam(enc.z_branch_parameters(), loss.decorrelation),
+    }
+
+
+def lr_factor(epoch: int, config: Config) -> float:
+    drops = sum(1 for milestone in config.train.lr_milestones if epoch >= milestone)
+    return config.train.lr_decay ** drops
+
+
+def set_lr_factor(optimizers: dict, factor: float) -> None:
+    for optimizer in optimizers.values():
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+
+# ------------------------------------------------------------------------ iteration
+
+def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: DeviceBatches,
+                       epoch: int, step_in_epoch: int, config: Config) -> dict:
+    loss = config.loss
+    x_u = batches.unlabelled_batch(epoch, step_in_epoch)
+    x_l, y_l = batches.labelled_batch(ctx.generator)
+    decorrelate = loss.decorrelation > 0 and epoch >= loss.decorrelation_start_epoch
+    if config.train.step_mode == "fused":
+        return phases.fused_step(ctx, optimizers["autoencoder"], optimizers["critics"], x_u, x_l,
+                                 y_l, loss, decorrelate, loss.decorrelation_objective,
+                                 loss.correlation_target)
+    out = {}
+    if loss.reconstruction > 0:
+        out |= phases.reconstruction_phase(ctx, optimizers["reconstruction"], x_u, loss.reconstruction)
+    out |= phases.discriminator_phase(ctx, optimizers["discriminators"], x_u)
+    if loss.adversarial_z > 0:
+        out |= phases.adversarial_z_phase(ctx, optimizers["adversarial_z"], x_u, loss.adversarial_z)
+    if loss.adversarial_y > 0:
+        out |= phases.adversarial_y_phase(ctx, optimizers["adversarial_y"], x_u, loss.adversarial_y)
+    if loss.supervised > 0:
+        out |= phases.supervised_phase(ctx, optimizers["supervised"], x_l, y_l, loss.supervised)
+    out |= phases.correlation_phase(ctx, optimizers["correlation"], x_u, loss.correlation_target)
+    if decorrelate:
+        out |= phases.decorrelation_phase(ctx, optimizers["decorrelation"], x_u, loss.decorrelation,
+                                          loss.decorrelation_objective, loss.correlation_target)
+    return out
+
+
+class LossTracker:
+    """Sums losses on the device and remembers the first non-finite step of each,
+    so that the host only syncs when it logs or checkpoints."""
+
+    def __init__(self, device):
+        self.device = device
+        self.sums = torch.zeros(len(LOSS_NAMES), device=device)
+        self.counts = torch.zeros(len(LOSS_NAMES), device=device)
+        self.first_bad = torch.full((len(LOSS_NAMES),), -1, dtype=torch.long, device=device)
+
+    def add(self, step: int, losses: dict) -> None:
+        present = torch.zeros(len(LOSS_NAMES), dtype=torch.bool)
+        values = torch.zeros(len(LOSS_NAMES), device=self.device)
+        for name, value in losses.items():
+            index = LOSS_NAMES.index(name)
+            present[index] = True
+            values[index] = value
+        present = present.to(self.device, non_blocking=True)
+        bad = present & ~torch.isfinite(values)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        self.sums += torch.where(present, values, 0.0)
+        self.counts += present
+
+    def check(self) -> None:
+        first_bad = self.first_bad.tolist()
+        bad = [(step, name) for step, name in zip(first_bad, LOSS_NAMES) if step >= 0]
+        if bad:
+            step, name = min(bad)
+            raise NonFiniteLossError(f"the {name} loss became non-finite at step {step}")
+
+    def pop_means(self) -> dict[str, float]:
+        means = (self.sums / self.counts.clamp_min(1)).tolist()
+        counts = self.counts.tolist()
+        self.sums.zero_()
+        self.counts.zero_()
+        return {name: mean for name, mean, count in zip(LOSS_NAMES, means, counts) if count > 0}
+
+
+# ------------------------------------------------------------------------- helpers
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision") not in (None, mixed_precision) and state.get("num_processes", 1) == 1:
+        # A long-lived single process (tests, a Tune worker) may train with
+        # another precision than its previous run; Accelerate keeps one global state.
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def _resolve_run_dir(config: Config, accelerator: Accelerator, run_dir, resume) -> Path:
+    if resume is not None:
+        return Path(resume)
+    if run_dir is None:
+        chosen = [str(new_run_dir(config))]
+        broadcast_object_list(chosen)
+        run_dir = chosen[0]
+    run_dir = Path(run_dir)
+    if checkpoint.checkpoint_path(run_dir).exists():
+        raise ConfigError(f"run folder {run_dir} already holds a checkpoint: continue it with "
+                          f"--resume {run_dir}, or choose another run.name")
+    return run_dir
+
+
+def _gather_generator_states(accelerator: Accelerator, generator: torch.Generator) -> torch.Tensor:
+    state = generator.get_state()
+    if accelerator.num_processes == 1:
+        return state[None]
+    return accelerator.gather(state.to(accelerator.device)[None]).cpu()
+
+
+def _checkpoint_state(config, nets, optimizers, step, generator_states) -> dict:
+    rng = {"generators": generator_states, "torch": torch.get_rng_state()}
+    return {"format": checkpoint.FORMAT_VERSION, "config": to_dict(config), "step": step,
+            "networks": nets.state_dict(),
+            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+            "rng": rng}
+
+
+def _restore(state: dict, nets, optimizers, generator, accelerator, path) -> int:
+    missing = set(optimizers) ^ set(state["optimizers"])
+    if missing:
+        raise checkpoint.CheckpointError(
+            f"{path} was written with other optimizers ({', '.join(sorted(state['optimizers']))}); "
+            f"keep train.step_mode as it was when the run started")
+    try:
+        nets.load_state_dict(state["networks"])
+    except RuntimeError as exc:
+        raise checkpoint.CheckpointError(f"{path} does not fit this model: {exc}") from None
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(state["optimizers"][name])
+    states = state["rng"]["generators"]
+    if len(states) == accelerator.num_processes:
+        generator.set_state(states[accelerator.process_index])
+    else:
+        log.warning("checkpoint has %d random streams for %d processes; reseeding",
+                    len(states), accelerator.num_processes)
+    torch.set_rng_state(state["rng"]["torch"])
+    return int(state["step"])
+
+
+# --------------------------------------------------------------------------- train
+
+def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Path | None = None,
+          hooks: Hooks | None = None) -> dict:
+    """Train one model; returns the final metrics (also written to metrics.json).
+
+    ``resume`` continues the run folder's last checkpoint; ``run_dir`` fixes
+    the folder (Tune trials) instead of one named from ``config.run``.
+    """
+    hooks = hooks or Hooks()
+    accelerator = make_accelerator(config.train.mixed_precision)
+    device = accelerator.device
+    if config.train.mixed_precision == "fp16" and device.type == "cpu":
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 on CPU")
+    run_dir = _resolve_run_dir(config, accelerator, run_dir, resume)
+    main = accelerator.is_main_process
+
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    data = load_data(config.data, config.seed)
+    nets = build_networks(config, data.image_shape, data.num_classes).to(device)
+    optimizers = build_optimizers(nets, config)
+    prepared = accelerator.prepare(*(getattr(nets, name) for name in NETWORK_ORDER),
+                                   *optimizers.values())
+    wrapped = dict(zip(NETWORK_ORDER, prepared[:len(NETWORK_ORDER)]))
+    optimizers = dict(zip(optimizers, prepared[len(NETWORK_ORDER):]))
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed * 1_000_003 + accelerator.process_index)
+    batches = DeviceBatches(data, device, config.train.batch_size, config.seed,
+                            accelerator.process_index, accelerator.num_processes)
+    ctx = phases.StepContext(accelerator, wrapped, nets, generator, config.model.input_noise,
+                             data.num_classes, config.model.z_dim)
+
+    step = 0
+    ckpt_path = checkpoint.checkpoint_path(run_dir)
+    if resume is not None:
+        step = _restore(checkpoint.load(ckpt_path), nets, optimizers, generator, accelerator, ckpt_path)
+        log.info("resumed %s at step %d", run_dir, step)
+    total_steps = config.train.epochs * batches.steps_per_epoch
+    if config.train.max_steps is not None:
+        total_steps = min(total_steps, config.train.max_steps)
+
+    writer = None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / CONFIG_FILE)
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(run_dir))
+    grid_generator = torch.Generator().manual_seed(config.seed)
+    grid_images = to_float(data.validation.images[:8]).to(device)
+    tracker = LossTracker(device)
+    images_per_step = 2 * config.train.batch_size * accelerator.num_processes
+
+    def save_checkpoint():
+        tracker.check()
+        states = _gather_generator_states(accelerator, generator)
+        if main:
+            checkpoint.save_atomic(_checkpoint_state(config, nets, optimizers, step, states), ckpt_path)
+            if hooks.on_checkpoint:
+                hooks.on_checkpoint(step, ckpt_path)
+        accelerator.wait_for_everyone()
+
+    def periodic_evaluation():
+        tracker.check()
+        if main:
+            probe_train = data.train_images() if config.eval.probes_during_training else None
+            metrics = evaluate(nets, data.validation, data.labelled, config.eval, data.num_classes,
+                               device, probe_train, config.seed)
+            for tag, value in tensorboard_tags("val", metrics).items():
+                writer.add_scalar(tag, value, step)
+            for tag, grid in training_grids(nets, grid_images, data.num_classes,
+                                            config.model.z_dim, grid_generator).items():
+                writer.add_image(tag, grid, step)
+                save_png(grid, run_dir / "images" / f"{tag.split('/')[-1]}_{step:07d}.png")
+            if hooks.on_evaluation:
+                hooks.on_evaluation(step, metrics)
+        accelerator.wait_for_everyone()
+
+    from tqdm.auto import tqdm
+    progress = tqdm(total=total_steps, initial=step, disable=not (main and config.run.progress_bar),
+                    desc="train", dynamic_ncols=True)
+    steps_timed, excluded_seconds = 0, 0.0  # evaluation and checkpoints are not training time
+    loop_started = time.perf_counter()
+
+    def training_seconds() -> float:
+        return max(time.perf_counter() - loop_started - excluded_seconds, 1e-9)
+
+    try:
+        while step < total_steps:
+            epoch, step_in_epoch = divmod(step, batches.steps_per_epoch)
+            if step_in_epoch == 0 or steps_timed == 0:
+                set_lr_factor(optimizers, lr_factor(epoch, config))
+            losses = training_iteration(ctx, optimizers, batches, epoch, step_in_epoch, config)
+            tracker.add(step, losses)
+            step += 1
+            steps_timed += 1
+            progress.update(1)
+            if step % config.run.log_every == 0 or step == total_steps:
+                tracker.check()
+                means = tracker.pop_means()
+                if main:
+                    for name, value in means.items():
+                        writer.add_scalar(f"loss/{name}", value, step)
+                    writer.add_scalar("train/lr_factor", lr_factor(epoch, config), step)
+                    writer.add_scalar("train/epoch", epoch, step)
+                    writer.add_scalar("perf/images_per_second",
+                                      steps_timed * images_per_step / training_seconds(), step)
+                    progress.set_postfix({k: f"{v:.3f}" for k, v in means.items()
+                                          if k in ("reconstruction", "supervised", "correlation")})
+            paused = time.perf_counter()
+            if step % config.run.eval_every == 0 and step < total_steps:
+                periodic_evaluation()
+            if step % config.run.checkpoint_every == 0 and step < total_steps:
+                save_checkpoint()
+            excluded_seconds += time.perf_counter() - paused
+    except NonFiniteLossError as exc:
+        last = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
+        raise NonFiniteLossError(f"{exc} ({last}, left intact); lower train.lr or the loss "
+                                 f"weights, or try train.mixed_precision=no") from None
+    finally:
+        progress.close()
+
+    train_seconds = training_seconds()
+    save_checkpoint()
+    result = {"step": step, "epoch": step / batches.steps_per_epoch, "run_dir": str(run_dir),
+              "train_seconds": train_seconds,
+              "images_per_second": steps_timed * images_per_step / train_seconds}
+    if main:
+        probe_train = data.train_images()
+        result["validation"] = evaluate(nets, data.validation, data.labelled, config.eval,
+                                        data.num_classes, device, probe_train, config.seed)
+        if config.eval.final_test:
+            result["test"] = evaluate(nets, data.test, data.labelled, config.eval,
+                                      data.num_classes, device, probe_train, config.seed)
+        for split_name, short in (("validation", "val"), ("test", "test")):
+            for tag, value in tensorboard_tags(short, result.get(split_name, {})).items():
+                writer.add_scalar(tag, value, step)
+        if hooks.on_evaluation:
+            hooks.on_evaluation(step, result["validation"])
+        write_json(result, run_dir / METRICS_FILE)
+        writer.close()
+    accelerator.wait_for_everyone()
+    return result
