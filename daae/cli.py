@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .checkpoint import CheckpointError
@@ -93,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return tune_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from accelerate.state import PartialState
-
-    # Only the main process talks; the others would repeat every line.
-    level = logging.INFO if PartialState().is_main_process else logging.WARNING
+    # Only the main process talks; the others would repeat every line. The rank
+    # comes from the launcher's environment: creating Accelerate's state here,
+    # before train() builds its Accelerator, would lose ACCELERATE_USE_CPU.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
     try:
         return args.handler(args)

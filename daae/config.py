@@ -137,8 +137,22 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+class OverrideText(str):
+    """A command-line value: its text, and what YAML reads it as. A str key takes
+    the text, so ``run.name=off`` is the name "off", not YAML 1.1's False."""
+
+    def __new__(cls, text: str, parsed: Any):
+        self = super().__new__(cls, text)
+        self.parsed = parsed
+        return self
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``hint``; ints pass as floats."""
+    if isinstance(value, OverrideText):
+        wants_text = hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                                     and str in typing.get_args(hint) and value.parsed is not None)
+        value = str(value) if wants_text else value.parsed
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -160,6 +174,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; it is plainly a float here.
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -206,6 +226,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{text}': the value is not valid YAML ({exc})") from None
+    if not isinstance(value, (dict, list)):
+        value = OverrideText(raw.strip(), value)
     return key.strip(), value
 
 

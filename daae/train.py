@@ -196,7 +196,12 @@ def _restore(state: dict, nets, optimizers, generator, accelerator, path) -> int
     except RuntimeError as exc:
         raise checkpoint.CheckpointError(f"{path} does not fit this model: {exc}") from None
     for name, optimizer in optimizers.items():
+        # Keep the hyperparameters of the config being resumed with (an override
+        # such as train.lr=... must win); take only Adam's moments from the file.
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizers"][name])
+        for group, settings in zip(optimizer.param_groups, configured):
+            group.update(settings)
     states = state["rng"]["generators"]
     if len(states) == accelerator.num_processes:
         generator.set_state(states[accelerator.process_index])

@@ -1,0 +1,44 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from daae.cli import main
+
+from conftest import SMOKE
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    code = main(["train", "--config", str(SMOKE), f"run.dir={root}", "run.name=r",
+                 "train.max_steps=40", "run.progress_bar=false", "eval.final_test=false",
+                 "eval.probe_epochs=1"])
+    assert code == 0
+    return root / "r"
+
+
+def test_eval_prints_the_metrics_as_one_json_object(trained_run):
+    done = subprocess.run([sys.executable, "-m", "daae", "eval", "--checkpoint", str(trained_run),
+                           "--json", "eval.probe_epochs=1"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(done.stdout)
+    for key in ("test_accuracy", "adversary_accuracy", "probe_accuracy", "linear_probe_accuracy",
+                "recon_mse", "z_mean", "z_std", "y_marginal_entropy", "labelled_accuracy"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["test_accuracy"] > 0.3 and metrics["step"] == 40
+
+
+def test_resume_continues_from_the_run_folder(trained_run):
+    assert main(["train", "--resume", str(trained_run), "train.max_steps=50"]) == 0
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["step"] == 50
+
+
+def test_user_errors_exit_2_with_a_message(tmp_path, caplog):
+    assert main(["train", "--config", str(SMOKE), "loss.decorrelation=-1"]) == 2
+    assert "loss.decorrelation" in caplog.text
+    assert main(["eval", "--checkpoint", str(tmp_path)]) == 2
+    assert "not a daae run folder" in caplog.text

@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from daae.config import ConfigError, load_config, save_config
+
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.train.batch_size >= 2
+
+
+def test_overrides_are_typed_from_the_dataclass(tmp_path):
+    config = load_config(CONFIGS[0], ["train.lr=1e-3", "loss.decorrelation=0",
+                                      "train.lr_milestones=[5, 10]", "train.max_steps=7",
+                                      "data.labels_per_class=null"])
+    assert config.train.lr == 1e-3 and isinstance(config.loss.decorrelation, float)
+    assert config.train.lr_milestones == [5, 10]
+    assert config.train.max_steps == 7
+    assert config.data.labels_per_class is None
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = load_config(CONFIGS[0], ["seed=3", "model.kind=mlp"])
+    save_config(config, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == config
+
+
+@pytest.mark.parametrize("override, names", [
+    ("loss.adversarial_zz=1", "loss.adversarial_zz"),
+    ("trian.lr=1", "trian"),
+    ("train.lr=fast", "train.lr"),
+    ("train.epochs=1.5", "train.epochs"),
+    ("train.max_steps=true", "train.max_steps"),
+    ("loss.decorrelation=-0.5", "loss.decorrelation"),
+    ("data.labels_per_class=6000", "data.labels_per_class"),
+    ("model.kind=transformer", "model.kind"),
+    ("loss.decorrelation_objective=entropy", "loss.decorrelation_objective"),
+    ("train.lr_milestones=[50, 20]", "train.lr_milestones"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+])
+def test_bad_values_name_the_key(override, names):
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        load_config(CONFIGS[0], [override])
+
+
+def test_bad_override_form_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(CONFIGS[0], ["train.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_tags_are_not_evaluated(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("seed: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)

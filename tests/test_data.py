@@ -1,0 +1,108 @@
+import gzip
+
+import pytest
+import torch
+
+from daae.config import DataConfig
+from daae.data import (DataError, DeviceBatches, labelled_indices, load_mnist, make_synthetic,
+                       md5sum, read_idx, split, write_idx)
+
+NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def fake_mnist(root, train=60, test=20):
+    generator = torch.Generator().manual_seed(0)
+    arrays = {
+        NAMES[0]: torch.randint(0, 256, (train, 28, 28), generator=generator, dtype=torch.uint8),
+        NAMES[1]: (torch.arange(train) % 10).to(torch.uint8),
+        NAMES[2]: torch.randint(0, 256, (test, 28, 28), generator=generator, dtype=torch.uint8),
+        NAMES[3]: (torch.arange(test) % 10).to(torch.uint8),
+    }
+    for name, array in arrays.items():
+        write_idx(root / name, array)
+    return arrays, {name: md5sum(root / name) for name in NAMES}
+
+
+def test_idx_round_trip(tmp_path):
+    array = torch.randint(0, 256, (5, 3, 4), dtype=torch.uint8)
+    write_idx(tmp_path / "a.gz", array)
+    assert torch.equal(read_idx(tmp_path / "a.gz"), array)
+
+
+def test_mnist_reader_checks_md5_and_shapes(tmp_path):
+    arrays, checksums = fake_mnist(tmp_path)
+    train, test = load_mnist(tmp_path, download=False, checksums=checksums)
+    assert train.images.shape == (60, 1, 28, 28) and test.images.shape == (20, 1, 28, 28)
+    assert torch.equal(train.images[:, 0], arrays[NAMES[0]])
+    assert torch.equal(test.labels, arrays[NAMES[3]].long())
+
+
+def test_wrong_md5_is_a_clear_error(tmp_path):
+    _, checksums = fake_mnist(tmp_path)
+    checksums[NAMES[0]] = "0" * 32
+    with pytest.raises(DataError, match=r"train-images.*MD5.*expected 0{32}.*Delete it"):
+        load_mnist(tmp_path, download=False, checksums=checksums)
+
+
+def test_truncated_and_corrupt_files_are_clear_errors(tmp_path):
+    write_idx(tmp_path / "a.gz", torch.zeros(4, 5, 5, dtype=torch.uint8))
+    raw = gzip.decompress((tmp_path / "a.gz").read_bytes())
+    (tmp_path / "short.gz").write_bytes(gzip.compress(raw[:-7]))
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(tmp_path / "short.gz")
+    (tmp_path / "cut.gz").write_bytes((tmp_path / "a.gz").read_bytes()[:20])
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        read_idx(tmp_path / "cut.gz")
+    (tmp_path / "junk.gz").write_bytes(gzip.compress(b"\x12\x34\x08\x01rubbish"))
+    with pytest.raises(DataError, match="not an IDX file"):
+        read_idx(tmp_path / "junk.gz")
+
+
+def test_missing_files_offline_say_how_to_point_at_a_folder(tmp_path):
+    with pytest.raises(DataError, match="data.root.*DAAE_DATA_DIR"):
+        load_mnist(tmp_path / "empty", download=False)
+
+
+def test_labelled_subset_has_n_per_class_without_repeats_and_is_seeded():
+    labels = torch.arange(1000) % 10
+    chosen = labelled_indices(labels, 7, seed=3)
+    assert len(chosen) == 70 and len(set(chosen.tolist())) == 70
+    assert torch.bincount(labels[chosen], minlength=10).tolist() == [7] * 10
+    assert torch.equal(chosen, labelled_indices(labels, 7, seed=3))
+    assert not torch.equal(chosen, labelled_indices(labels, 7, seed=4))
+
+
+def test_split_keeps_validation_fixed_and_labelled_out_of_unlabelled():
+    train, test = make_synthetic(600, 50, 28)
+    ids = torch.arange(len(train))
+    train.images[:, 0, 0, 0], train.images[:, 0, 0, 1] = ids % 256, ids // 256
+    config = DataConfig(name="synthetic", labels_per_class=5, validation_size=100)
+    a, b = split(train, test, config, seed=0), split(train, test, config, seed=1)
+    assert len(a.validation) == 100 and torch.equal(a.validation.images, b.validation.images)
+    assert len(a.labelled) == 50 and len(a.unlabelled) == 450
+    assert not torch.equal(a.labelled.images, b.labelled.images)
+
+    def image_ids(images):
+        return set((images[:, 0, 0, 0].long() + 256 * images[:, 0, 0, 1].long()).tolist())
+
+    parts = [image_ids(s.images) for s in (a.validation, a.labelled, a.unlabelled)]
+    assert sum(len(p) for p in parts) == len(set.union(*parts)) == len(train)
+
+
+def test_too_many_labels_per_class_is_a_clear_error():
+    train, test = make_synthetic(200, 20, 28)
+    with pytest.raises(DataError, match="labels_per_class=30.*class"):
+        split(train, test, DataConfig(name="synthetic", labels_per_class=30, validation_size=10), 0)
+
+
+def test_device_batches_cover_an_epoch_once_and_shard_ranks():
+    train, test = make_synthetic(300, 20, 28)
+    data = split(train, test, DataConfig(name="synthetic", labels_per_class=2, validation_size=100), 0)
+    data.unlabelled.images = torch.arange(len(data.unlabelled)).view(-1, 1, 1, 1).to(torch.uint8)
+    seen = []
+    for rank in range(2):
+        batches = DeviceBatches(data, "cpu", 10, seed=5, rank=rank, world_size=2)
+        for step in range(batches.steps_per_epoch):
+            seen += (batches.unlabelled_batch(0, step) * 255).round().long().flatten().tolist()
+    assert len(seen) == len(set(seen)) == 2 * 10 * (180 // 20)

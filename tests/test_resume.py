@@ -1,0 +1,41 @@
+import torch
+
+from daae import checkpoint
+from daae.train import train
+
+from conftest import tiny_config
+
+
+def _parameters(run_dir):
+    return checkpoint.load(run_dir)["networks"]
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    # 70 steps cross an epoch boundary (50 steps/epoch) and switch on decorrelation.
+    common = ("eval.final_test=false", "eval.probe_epochs=1", "run.checkpoint_every=20")
+    straight = train(tiny_config(tmp_path, "run.name=straight", "train.max_steps=70", *common))
+    train(tiny_config(tmp_path, "run.name=split", "train.max_steps=30", *common))
+    resumed = train(tiny_config(tmp_path, "run.name=split", "train.max_steps=70", *common),
+                    resume=tmp_path / "split")
+    assert resumed["step"] == straight["step"] == 70
+    a, b = _parameters(tmp_path / "straight"), _parameters(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert resumed["validation"]["accuracy"] == straight["validation"]["accuracy"]
+
+
+def test_resume_from_a_folder_without_checkpoint_is_a_clear_error(tmp_path):
+    import pytest
+
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        train(tiny_config(tmp_path, "train.max_steps=2"), resume=tmp_path / "missing")
+
+
+def test_a_new_run_never_overwrites_an_existing_one(tmp_path):
+    import pytest
+    from daae.config import ConfigError
+
+    train(tiny_config(tmp_path, "run.name=r", "train.max_steps=2", "eval.final_test=false"))
+    with pytest.raises(ConfigError, match="--resume"):
+        train(tiny_config(tmp_path, "run.name=r", "train.max_steps=2"))

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+import torch
+
+from daae import checkpoint
+from daae.train import NonFiniteLossError, train
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def decorrelation_pair(tmp_path_factory):
+    """The same short synthetic run with the decorrelation phase off and on."""
+    base = tmp_path_factory.mktemp("pair")
+    common = ("eval.final_test=false",)
+    off = train(tiny_config(base, "run.name=off", "loss.decorrelation=0", *common))
+    on = train(tiny_config(base, "run.name=on", "loss.decorrelation=0.5", *common))
+    return off, on
+
+
+def test_short_run_classifies_far_above_chance(decorrelation_pair):
+    off, on = decorrelation_pair
+    assert off["validation"]["accuracy"] > 0.8
+    assert on["validation"]["accuracy"] > 0.8
+
+
+def test_decorrelation_lowers_the_adversary_accuracy(decorrelation_pair):
+    off, on = decorrelation_pair
+    assert off["validation"]["adversary_accuracy"] > 0.9
+    assert on["validation"]["adversary_accuracy"] < off["validation"]["adversary_accuracy"] - 0.1
+
+
+def test_run_folder_holds_config_events_images_checkpoint_metrics(tmp_path):
+    result = train(tiny_config(tmp_path, "run.name=r", "train.max_steps=30", "run.eval_every=15",
+                               "run.checkpoint_every=15"))
+    run = tmp_path / "r"
+    assert (run / "config.yaml").is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "images").glob("*.png")) == [
+        "classes_by_style_0000015.png", "reconstructions_0000015.png"]
+    assert checkpoint.load(run)["step"] == 30
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == result["step"] == 30
+    for key in ("accuracy", "adversary_accuracy", "probe_accuracy", "linear_probe_accuracy",
+                "recon_mse", "z_mean", "z_std", "y_marginal_entropy", "labelled_accuracy"):
+        assert 0 <= metrics["test"][key] or key == "z_mean"
+    assert not list(run.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("overrides", [
+    ("train.step_mode=fused",),
+    ("train.mixed_precision=bf16",),
+    ("model.kind=conv", "model.scale=0.25", "loss.decorrelation_objective=uniform"),
+    ("data.labels_per_class=null", "loss.correlation_target=hard"),
+], ids=["fused", "bf16", "conv-uniform", "all-labels-hard"])
+def test_variants_train_and_learn(tmp_path, overrides):
+    result = train(tiny_config(tmp_path, "train.max_steps=120", "eval.final_test=false",
+                               "eval.probe_epochs=1", *overrides))
+    assert result["validation"]["accuracy"] > 0.5
+
+
+def test_non_finite_loss_names_phase_and_step_and_keeps_last_checkpoint(tmp_path):
+    train(tiny_config(tmp_path, "run.name=r", "train.max_steps=10", "eval.final_test=false"))
+    good = checkpoint.load(tmp_path / "r")
+    with pytest.raises(NonFiniteLossError, match=r"loss became non-finite at step 1\d.*intact"):
+        train(tiny_config(tmp_path, "run.name=r", "train.max_steps=40", "train.lr=1e38"),
+              resume=tmp_path / "r")
+    kept = checkpoint.load(tmp_path / "r")
+    assert kept["step"] == 10
+    for name, tensor in good["networks"].items():
+        assert torch.equal(tensor, kept["networks"][name])
