@@ -177,6 +177,18 @@ def _gather_generator_states(accelerator: Accelerator, generator: torch.Generato
     return accelerator.gather(state.to(accelerator.device)[None]).cpu()
 
 
+def _average_buffers(accelerator: Accelerator, nets) -> None:
+    """Make batch-norm statistics equal on every rank. DDP copies rank 0's buffers
+    at each wrapped forward, but the frozen-network forwards of the phases
+    update each rank's statistics locally."""
+    if accelerator.num_processes == 1:
+        return
+    for buffer in nets.buffers():
+        if buffer.is_floating_point():
+            torch.distributed.all_reduce(buffer)
+            buffer /= accelerator.num_processes
+
+
 def _checkpoint_state(config, nets, optimizers, step, generator_states) -> dict:
     rng = {"generators": generator_states, "torch": torch.get_rng_state()}
     return {"format": checkpoint.FORMAT_VERSION, "config": to_dict(config), "step": step,
@@ -267,6 +279,7 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
 
     def save_checkpoint():
         tracker.check()
+        _average_buffers(accelerator, nets)
         states = _gather_generator_states(accelerator, generator)
         if main:
             checkpoint.save_atomic(_checkpoint_state(config, nets, optimizers, step, states), ckpt_path)
@@ -276,6 +289,7 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
 
     def periodic_evaluation():
         tracker.check()
+        _average_buffers(accelerator, nets)
         if main:
             probe_train = data.train_images() if config.eval.probes_during_training else None
             metrics = evaluate(nets, data.validation, data.labelled, config.eval, data.num_classes,
