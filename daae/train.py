@@ -224,6 +224,35 @@ def _restore(state: dict, nets, optimizers, generator, accelerator, path) -> int
     return int(state["step"])
 
 
+@dataclass
+class TrainingSetup:
+    nets: object  # models.Networks, unwrapped
+    optimizers: dict
+    generator: torch.Generator
+    batches: DeviceBatches
+    ctx: phases.StepContext
+
+
+def prepare_training(config: Config, accelerator: Accelerator, data) -> TrainingSetup:
+    """Networks, optimizers (one accelerator.prepare call, fixed order), the
+    process's random stream and on-device batches: all one iteration needs."""
+    device = accelerator.device
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    nets = build_networks(config, data.image_shape, data.num_classes).to(device)
+    optimizers = build_optimizers(nets, config)
+    prepared = accelerator.prepare(*(getattr(nets, name) for name in NETWORK_ORDER),
+                                   *optimizers.values())
+    wrapped = dict(zip(NETWORK_ORDER, prepared[:len(NETWORK_ORDER)]))
+    optimizers = dict(zip(optimizers, prepared[len(NETWORK_ORDER):]))
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed * 1_000_003 + accelerator.process_index)
+    batches = DeviceBatches(data, device, config.train.batch_size, config.seed,
+                            accelerator.process_index, accelerator.num_processes)
+    ctx = phases.StepContext(accelerator, wrapped, nets, generator, config.model.input_noise,
+                             data.num_classes, config.model.z_dim)
+    return TrainingSetup(nets, optimizers, generator, batches, ctx)
+
+
 # --------------------------------------------------------------------------- train
 
 def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Path | None = None,
@@ -241,21 +270,9 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     run_dir = _resolve_run_dir(config, accelerator, run_dir, resume)
     main = accelerator.is_main_process
 
-    torch.manual_seed(config.seed)  # identical initial weights on every rank
     data = load_data(config.data, config.seed)
-    nets = build_networks(config, data.image_shape, data.num_classes).to(device)
-    optimizers = build_optimizers(nets, config)
-    prepared = accelerator.prepare(*(getattr(nets, name) for name in NETWORK_ORDER),
-                                   *optimizers.values())
-    wrapped = dict(zip(NETWORK_ORDER, prepared[:len(NETWORK_ORDER)]))
-    optimizers = dict(zip(optimizers, prepared[len(NETWORK_ORDER):]))
-
-    generator = torch.Generator(device=device)
-    generator.manual_seed(config.seed * 1_000_003 + accelerator.process_index)
-    batches = DeviceBatches(data, device, config.train.batch_size, config.seed,
-                            accelerator.process_index, accelerator.num_processes)
-    ctx = phases.StepContext(accelerator, wrapped, nets, generator, config.model.input_noise,
-                             data.num_classes, config.model.z_dim)
+    setup = prepare_training(config, accelerator, data)
+    nets, optimizers, generator, batches = setup.nets, setup.optimizers, setup.generator, setup.batches
 
     step = 0
     ckpt_path = checkpoint.checkpoint_path(run_dir)
@@ -318,7 +335,7 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
             epoch, step_in_epoch = divmod(step, batches.steps_per_epoch)
             if step_in_epoch == 0 or steps_timed == 0:
                 set_lr_factor(optimizers, lr_factor(epoch, config))
-            losses = training_iteration(ctx, optimizers, batches, epoch, step_in_epoch, config)
+            losses = training_iteration(setup.ctx, optimizers, batches, epoch, step_in_epoch, config)
             tracker.add(step, losses)
             step += 1
             steps_timed += 1

@@ -1,0 +1,117 @@
+"""Images per second through the whole training iteration (all phases):
+daae's reference-order and fused steps against a plain port of the original
+loop (reference_impl.py), same process, same data, same networks.
+
+    python -m benchmarks.bench_step [--models mlp conv] [--precisions fp32 bf16]
+                                    [--steps 30] [--repeats 5] [--device cpu]
+
+Writes benchmarks/results/bench_step-<device>.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from benchmarks.common import machine, median, peak_memory, timed, write_result
+from benchmarks.reference_impl import ReferenceTrainer
+from daae.config import load_config
+from daae.data import ImageSet, SemiSupervisedData
+from daae.train import make_accelerator, prepare_training, training_iteration
+
+log = logging.getLogger("bench_step")
+MODELS = {"mlp": ["model.kind=mlp", "model.scale=1.0"], "conv": ["model.kind=conv", "model.scale=2.0"]}
+
+
+def fake_mnist(count: int, seed: int = 0) -> SemiSupervisedData:
+    """Speed does not depend on pixel values: random MNIST-shaped images."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (count, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(count) % 10
+    part = ImageSet(images, labels)
+    return SemiSupervisedData(unlabelled=part, labelled=part.subset(torch.arange(100)),
+                              validation=part.subset(torch.arange(100)), test=part.subset(torch.arange(100)))
+
+
+def daae_rate(config, data, steps: int, repeats: int) -> tuple[float, torch.device]:
+    accelerator = make_accelerator(config.train.mixed_precision)
+    setup = prepare_training(config, accelerator, data)
+
+    def run():
+        for i in range(steps):
+            epoch, step = divmod(i, setup.batches.steps_per_epoch)
+            losses = training_iteration(setup.ctx, setup.optimizers, setup.batches, epoch + 1, step,
+                                        config)
+        float(next(iter(losses.values())))  # one sync, as the trainer's log step does
+
+    run()  # warm-up: allocator, first-call overheads
+    seconds = median([timed(run, accelerator.device) for _ in range(repeats)])
+    return steps * config.train.batch_size * 2 / seconds, accelerator.device
+
+
+def reference_rate(config, data, device, steps: int, repeats: int) -> float:
+    from daae.runs import build_networks
+
+    torch.manual_seed(config.seed)
+    nets = build_networks(config, data.image_shape, data.num_classes).to(device)
+    dtype = torch.bfloat16 if config.train.mixed_precision == "bf16" else None
+    unlabelled = data.unlabelled.images.float() / 255
+    trainer = ReferenceTrainer(nets, unlabelled, unlabelled[:100], data.unlabelled.labels[:100],
+                               device, config.train.batch_size, autocast_dtype=dtype)
+
+    def run():
+        for _ in range(steps):
+            trainer.step()
+
+    run()
+    seconds = median([timed(run, device) for _ in range(repeats)])
+    return steps * config.train.batch_size * 2 / seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["mlp", "conv"], choices=list(MODELS))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--images", type=int, default=10000)
+    parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                        help="config overrides for every case (e.g. model.adversary_hidden=64)")
+    parser.add_argument("--name", default=None, help="result file name (default bench_step-<device>)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    data = fake_mnist(args.images)
+    rows = []
+    for model in args.models:
+        for precision in args.precisions:
+            mixed = "bf16" if precision == "bf16" else "no"
+            common = ["data.name=mnist", *MODELS[model], f"train.mixed_precision={mixed}", *args.set]
+            row = {"model": model, "precision": precision}
+            for mode in ("reference", "fused"):
+                config = load_config(None, [*common, f"train.step_mode={mode}"])
+                row[f"daae_{mode}_images_per_s"], device = daae_rate(config, data, args.steps,
+                                                                       args.repeats)
+            row["reference_impl_images_per_s"] = reference_rate(config, data, device, args.steps,
+                                                                args.repeats)
+            for mode in ("reference", "fused"):
+                row[f"speedup_{mode}"] = row[f"daae_{mode}_images_per_s"] / row["reference_impl_images_per_s"]
+            rows.append(row)
+            log.info("%-5s %-5s reference impl %8.0f img/s | daae reference order %8.0f (x%.2f) "
+                     "| daae fused %8.0f (x%.2f)", model, precision,
+                     row["reference_impl_images_per_s"], row["daae_reference_images_per_s"],
+                     row["speedup_reference"], row["daae_fused_images_per_s"], row["speedup_fused"])
+    result = {"benchmark": "bench_step", "machine": machine(device), "steps": args.steps,
+              "overrides": args.set,
+              "repeats": args.repeats, "batch_size": 100,
+              "note": "images/s counts the unlabelled and the labelled batch (2 x 100 per step)",
+              "rows": rows, "peak_memory": peak_memory(device)}
+    path = write_result(args.name or f"bench_step-{device.type}", result)
+    log.info("wrote %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
