@@ -146,6 +146,9 @@ class OverrideText(str):
         self.parsed = parsed
         return self
 
+    def __getnewargs__(self):  # copy and pickle (Ray ships configs between processes)
+        return str(self), self.parsed
+
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``hint``; ints pass as floats."""

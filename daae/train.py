@@ -317,6 +317,8 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
                                             config.model.z_dim, grid_generator).items():
                 writer.add_image(tag, grid, step)
                 save_png(grid, run_dir / "images" / f"{tag.split('/')[-1]}_{step:07d}.png")
+            # A Tune scheduler may kill this process right after the hook.
+            writer.flush()
             if hooks.on_evaluation:
                 hooks.on_evaluation(step, metrics)
         accelerator.wait_for_everyone()

@@ -1,0 +1,194 @@
+"""Searches end to end on Ray with synthetic data and tiny models: the smoke
+search, a trial that crashes once, an interrupted search that resumes, and the
+checks that must fail before any trial starts."""
+import csv
+import os
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ray = pytest.importorskip("ray")
+
+from daae.cli import main as daae_main  # noqa: E402
+from tune.cli import main as tune_main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "tune" / "smoke.yaml")
+# Shorter than the shipped smoke search, same path through the code.
+QUICK = ["overrides.train.max_steps=40", "overrides.eval.probe_train_size=500"]
+FIXED = ["space.loss.adversarial_z={choice: [1.0]}", "space.train.lr={choice: [0.001]}"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    # A short path: Ray's socket paths must stay under the Unix limit. HOME
+    # too, so Ray's session files and auth token stay out of the real one.
+    root = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", str(root))
+        patch.setenv("HOME", str(root / "home"))
+        patch.delenv("RAY_ADDRESS", raising=False)
+        (root / "home").mkdir()
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def read_rows(experiment: Path) -> list[dict]:
+    with open(experiment / "trials.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def results(trial_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+
+
+def trial_dirs(experiment: Path) -> list[Path]:
+    return sorted(p for p in experiment.iterdir() if (p / "params.json").is_file())
+
+
+def test_smoke_search_end_to_end(ray_session, tmp_path, capsys):
+    rc = tune_main(["--config", SMOKE, f"storage_path={tmp_path}", "num_samples=3", *QUICK])
+    assert rc == 0
+    experiment = tmp_path / "smoke"
+    trials = trial_dirs(experiment)
+    assert len(trials) == 3
+    for trial in trials:
+        reports = results(trial)
+        assert reports, trial
+        assert all(r["step"] % 20 == 0 and "score" in r and "meets_target" in r for r in reports)
+        assert list(trial.glob("events.out.tfevents.*.hparams"))  # the hparams view
+        assert [p for p in trial.glob("events.out.tfevents.*") if not p.name.endswith(".hparams")]
+    rows = read_rows(experiment)
+    assert [int(r["rank"]) for r in rows] == [1, 2, 3]
+    assert {"loss.decorrelation", "loss.adversarial_z", "train.lr", "accuracy",
+            "adversary_accuracy", "probe_accuracy", "score", "meets_target"} <= set(rows[0])
+    finished = [r for r in rows if r["status"] == "finished"]
+    assert finished and rows[0]["status"] == "finished"
+    assert [float(r["score"]) for r in finished] == sorted((float(r["score"]) for r in finished),
+                                                          reverse=True)
+    for row in finished:
+        assert row["probe_accuracy"] and int(row["step"]) == 40
+    markdown = (experiment / "trials.md").read_text()
+    assert markdown.count("\n") == 2 + 3 and markdown in capsys.readouterr().out
+
+    # The best configuration is a plain trainer config that `daae train` runs.
+    best = experiment / "best_config.yaml"
+    config = yaml.safe_load(best.read_text())
+    best_row = rows[0]
+    assert config["train"]["lr"] == pytest.approx(float(best_row["train.lr"]))
+    assert config["eval"]["final_test"] is True  # trials never looked at test; a real run may
+    assert daae_main(["train", "--config", str(best), f"run.dir={tmp_path / 'runs'}", "run.name=best",
+                      "train.max_steps=5", "eval.probe_epochs=1"]) == 0
+    metrics = json.loads((tmp_path / "runs" / "best" / "metrics.json").read_text())
+    assert metrics["step"] == 5 and "test" in metrics
+
+
+def test_trial_crashing_once_resumes_from_its_checkpoint(ray_session, tmp_path):
+    rc = tune_main(["--config", SMOKE, f"storage_path={tmp_path}", "num_samples=1",
+                    "scheduler.kind=none", "max_failures=1", "fault_injection.crash_once_at_step=20",
+                    "space.loss.decorrelation={choice: [0.5]}", *FIXED, *QUICK])
+    assert rc == 0
+    (trial,) = trial_dirs(tmp_path / "smoke")
+    assert (trial / ".fault_injection_crashed").read_text() == "20"  # it did crash, at step 20
+    reports = results(trial)
+    last = reports[-1]
+    assert last["final"] and last["step"] == 40
+    assert last["resumed_from_step"] == 20
+    # The retry continued the trainer from step 20 rather than starting over:
+    # its own event file (one per attempt) holds nothing at or before step 20.
+    attempts = sorted((p for p in trial.glob("events.out.tfevents.*") if not p.name.endswith(".hparams")),
+                      key=lambda p: p.stat().st_mtime)
+    assert len(attempts) == 2
+    retry = EventAccumulator(str(attempts[-1]))
+    retry.Reload()
+    steps = {event.step for tag in retry.Tags()["scalars"] for event in retry.Scalars(tag)}
+    assert steps and min(steps) > 20
+    (row,) = read_rows(tmp_path / "smoke")
+    assert row["status"] == "finished" and int(row["step"]) == 40
+
+
+def test_trial_crash_without_retries_is_reported_as_an_error(ray_session, tmp_path):
+    rc = tune_main(["--config", SMOKE, f"storage_path={tmp_path}", "num_samples=1",
+                    "scheduler.kind=none", "max_failures=0", "fault_injection.crash_once_at_step=20",
+                    "space.loss.decorrelation={choice: [0.5]}", *FIXED, *QUICK])
+    assert rc == 0
+    (row,) = read_rows(tmp_path / "smoke")
+    assert row["status"] == "error" and int(row["step"]) == 20
+    assert not (tmp_path / "smoke" / "best_config.yaml").exists()
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_session, tmp_path):
+    rc = tune_main(["--config", SMOKE, f"storage_path={tmp_path}", "num_samples=1",
+                    "space.loss.decorrelation={grid: [0.0, 0.5]}", *FIXED, *QUICK,
+                    "scheduler.kind=none", "max_concurrent_trials=1",
+                    "fault_injection.interrupt_after_trials=1"])
+    assert rc == 1  # incomplete: no tables yet
+    experiment = tmp_path / "smoke"
+    assert not (experiment / "trials.csv").exists()
+    done = {t.name: (t / "result.json").read_text() for t in trial_dirs(experiment)
+            if (t / "result.json").is_file() and results(t) and results(t)[-1]["final"]}
+    assert len(done) == 1
+
+    assert tune_main(["--resume", str(experiment)]) == 0
+    rows = read_rows(experiment)
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
+    for name, before in done.items():
+        assert (experiment / name / "result.json").read_text() == before  # not run again
+
+
+def test_resources_the_cluster_cannot_hold_fail_before_any_trial(ray_session, tmp_path, caplog):
+    for override, named in (("resources.cpu=64", "64 CPU"), ("resources.gpu=2", "2 GPU"),
+                            ("resources.gpu=0.5", "0.5 GPU")):
+        assert tune_main(["--config", SMOKE, f"storage_path={tmp_path}", override]) == 2
+        assert named in caplog.text and "resources" in caplog.text
+        assert not (tmp_path / "smoke").exists()
+
+
+def test_an_existing_search_is_not_overwritten(ray_session, tmp_path, caplog):
+    (tmp_path / "smoke").mkdir()
+    (tmp_path / "smoke" / "search.yaml").write_text("name: smoke\n")
+    assert tune_main(["--config", SMOKE, f"storage_path={tmp_path}"]) == 2
+    assert "--resume" in caplog.text
+
+
+def test_multi_gpu_trials_run_as_a_torch_trainer(tmp_path):
+    from ray.train.torch import TorchTrainer
+
+    from tune import load_search
+    from tune.distributed import build_trainer
+
+    spec = load_search(SMOKE, [f"storage_path={tmp_path}", "resources.gpu=2", "resources.cpu=8"])
+    assert spec.file.resources.num_workers == 2
+    trainer = build_trainer(spec.trainer_config({}), tmp_path / "trial", None, None,
+                            spec.file.resources, str(tmp_path))
+    assert isinstance(trainer, TorchTrainer)
+    scaling = trainer.scaling_config
+    assert scaling.num_workers == 2 and scaling.use_gpu
+    assert scaling.resources_per_worker == {"CPU": 4.0, "GPU": 1.0}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DAAE_TEST_DISTRIBUTED"),
+                    reason="a 2-worker TorchTrainer trial takes about a minute on 2 CPUs; "
+                           "set DAAE_TEST_DISTRIBUTED=1 to run it")
+def test_distributed_trial_reports_once_per_evaluation(ray_session, tmp_path):
+    # Two gloo workers on CPU stand in for two GPUs: only rank 0 reports.
+    rc = tune_main(["--config", SMOKE, f"storage_path={tmp_path}", "num_samples=1",
+                    "scheduler.kind=none", "resources.workers=2", "resources.cpu=1.9",
+                    "space.loss.decorrelation={choice: [0.5]}", *FIXED, *QUICK])
+    assert rc == 0
+    (trial,) = trial_dirs(tmp_path / "smoke")
+    assert [(r["step"], r["final"]) for r in results(trial)] == [(20, False), (40, True)]
+    writers = [p for p in trial.glob("events.out.tfevents.*") if not p.name.endswith(".hparams")]
+    assert len(writers) == 1  # one main process, so the workers formed one run
+    (row,) = read_rows(tmp_path / "smoke")
+    assert row["status"] == "finished"

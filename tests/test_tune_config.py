@@ -1,0 +1,173 @@
+"""Search YAML parsing and validation, and the objective: no Ray, no training."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from daae.cli import main as daae_main
+from daae.config import ConfigError
+from tune import Objective, SearchError, Target, load_search, parse_search
+from tune.cli import main as tune_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCHES = sorted((ROOT / "configs" / "tune").glob("*.yaml"))
+SMOKE = ROOT / "configs" / "tune" / "smoke.yaml"
+
+
+def smoke_values(**changes):
+    values = yaml.safe_load(SMOKE.read_text())
+    values["base"] = str(ROOT / "configs" / "smoke.yaml")
+    values.update(changes)
+    return values
+
+
+def parse(values, cli=()):
+    return parse_search(values, cli=list(cli))
+
+
+# ---------------------------------------------------------------------- shipped YAMLs
+
+def test_shipped_searches_are_there():
+    assert {p.stem for p in SEARCHES} >= {"smoke", "weights", "ablation"}
+
+
+@pytest.mark.parametrize("path", SEARCHES, ids=lambda p: p.stem)
+def test_every_shipped_search_validates(path, tmp_path):
+    spec = load_search(path, [f"storage_path={tmp_path}"])
+    assert spec.space or spec.arms
+    # A trial's config never reads the test split.
+    assert spec.trainer_config({k: d.candidates()[0] for k, d in spec.space.items()}
+                               ).eval.final_test is False
+    # The resolved YAML saved for --resume parses back to the same search.
+    again = parse_search(yaml.safe_load(spec.to_yaml()))
+    assert again.space == spec.space and again.arms == spec.arms and again.base == spec.base
+
+
+def test_shipped_searches_cover_the_issue():
+    weights = load_search(ROOT / "configs/tune/weights.yaml")
+    assert set(weights.space) == {"loss.adversarial_z", "loss.adversarial_y", "loss.decorrelation",
+                                  "loss.supervised", "loss.reconstruction", "train.lr"}
+    assert weights.file.scheduler.kind == "asha"
+    ablation = load_search(ROOT / "configs/tune/ablation.yaml")
+    assert ablation.file.scheduler.kind == "none"
+    arms = {name: ablation.trainer_config({"arm": name}).loss for name in ablation.arms}
+    assert arms["off"].decorrelation == 0
+    assert arms["maximize_ce"].decorrelation_objective == "maximize_ce" and arms["maximize_ce"].decorrelation > 0
+    assert arms["uniform"].decorrelation_objective == "uniform" and arms["uniform"].decorrelation > 0
+    assert ablation.space["seed"].kind == "grid" and len(ablation.space["seed"].args) >= 2
+
+
+def test_check_via_both_entry_points(tmp_path, capsys):
+    assert daae_main(["tune", "--check", "--config", str(SMOKE), f"storage_path={tmp_path}"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["storage_path"] == str(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "tune", "--check", "--config", str(SMOKE),
+                           "num_samples=7"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["num_samples"] == 7
+
+
+# ------------------------------------------------------------------------ overrides
+
+def test_command_line_overrides_reach_search_and_trainer_keys(tmp_path):
+    spec = load_search(SMOKE, ["num_samples=2", f"storage_path={tmp_path}", "name=other",
+                               "scheduler.kind=none", "overrides.train.max_steps=7",
+                               "space.train.lr={choice: [0.001]}", "target.tolerance=0.2"])
+    assert spec.file.num_samples == 2 and spec.experiment_path == f"{tmp_path}/other"
+    assert spec.trainer_config({}).train.max_steps == 7
+    assert spec.space["train.lr"].args == (0.001,)
+    assert spec.objective.target.tolerance == 0.2
+
+
+def test_trainer_key_on_the_command_line_points_to_overrides():
+    with pytest.raises(SearchError, match="overrides.train.max_steps=7"):
+        load_search(SMOKE, ["train.max_steps=7"])
+
+
+def test_nothing_in_a_config_string_is_evaluated(tmp_path):
+    marker = tmp_path / "evaluated"
+    with pytest.raises(ConfigError, match="python/object"):
+        load_search(SMOKE, [f"name=!!python/object/apply:os.system ['touch {marker}']"])
+    values = smoke_values(name=f"!!python/object/apply:os.system ['touch {marker}']")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(values).replace("'!!python", "!!python").replace("]'", "]"))
+    with pytest.raises(ConfigError, match="python/object"):
+        load_search(bad)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_sample": 3}, "unknown key 'num_sample'"),
+    ({"scheduler": {"kind": "asha", "grace": 3}}, "unknown key 'scheduler.grace'"),
+    ({"num_samples": "four"}, "num_samples: expected int"),
+    ({"space": {"loss.decorrelatoin": {"choice": [0.1]}}}, "loss.decorrelatoin"),
+    ({"space": {"loss": {"choice": [0.1]}}}, "space 'loss'"),
+    ({"space": {"train.max_steps": {"choice": [1.5]}}}, "train.max_steps: expected int"),
+    ({"space": {"loss.decorrelation": {"choise": [0.1]}}}, "unknown distribution 'choise'"),
+    ({"space": {"loss.decorrelation": {"uniform": [1.0, 0.5]}}}, "low < high"),
+    ({"space": {"loss.decorrelation": {"loguniform": [0.0, 0.5]}}}, "loguniform needs low > 0"),
+    ({"space": {"loss.decorrelation": {"uniform": [0.1]}}}, "two numbers"),
+    ({"space": {"seed": {"randint": [0.5, 3]}}}, "integer bounds"),
+    ({"space": {"loss.decorrelation": [0.1, 0.5]}}, "expected one distribution"),
+    ({"space": {"loss.decorrelation": {"choice": [-1.0]}}}, "loss.decorrelation: must be 0 or more"),
+    ({"space": {"eval.final_test": {"choice": [True]}}}, "cannot be searched"),
+    ({"arms": {"bad": {"loss.nope": 1}}}, "arms 'bad'"),
+    ({"metric": "test_accuracy"}, "nothing reports 'test_accuracy'"),
+    ({"metric": "probe_accuracy"}, "probes_during_training"),
+    ({"target": {"metrics": ["accuracy"]}}, "target.metrics"),
+    ({"mode": "maximum"}, "mode"),
+    ({"resources": {"cpu": 0}}, "resources.cpu"),
+    ({"resources": {"gpu": 1.5}}, "whole"),
+    ({"resources": {"gpu": 2, "workers": 3}}, "one GPU per worker"),
+    ({"scheduler": {"kind": "hyperband"}}, "scheduler.kind"),
+    ({"scheduler": {"kind": "asha", "grace_period": 1000}}, "grace_period"),
+    ({"scheduler": {"kind": "asha", "grace_period": 5}}, "before the first evaluation"),
+    ({"overrides": {"run.checkpoint_every": 30}}, "multiple of run.eval_every"),
+    ({"overrides": {"train.mixed_precision": "fp16"}}, "needs a GPU"),
+    ({"base": None}, "needs a trainer config"),
+    ({"name": "a/b"}, "plain folder name"),
+])
+def test_bad_search_fails_naming_the_problem(changes, message):
+    with pytest.raises(SearchError, match=message):
+        parse(smoke_values(**changes))
+
+
+def test_bad_search_is_a_user_error_on_the_command_line(tmp_path, caplog):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(smoke_values(space={"loss.nope": {"choice": [1.0]}})))
+    assert tune_main(["--check", "--config", str(bad)]) == 2
+    assert "loss.nope" in caplog.text
+
+
+def test_resume_of_a_folder_that_is_no_search(tmp_path, caplog):
+    assert tune_main(["--resume", str(tmp_path)]) == 2
+    assert "not a daae search folder" in caplog.text
+
+
+# ------------------------------------------------------------------------ objective
+
+def test_score_ranks_feasible_trials_by_accuracy_and_infeasible_ones_last():
+    objective = Objective("accuracy", "max", Target(tolerance=0.05))
+    base = {"y_marginal_entropy_max": 2.302585092994046}  # log 10: chance is 0.1
+    good = objective.assess({**base, "accuracy": 0.9, "adversary_accuracy": 0.12, "probe_accuracy": 0.08})
+    better = objective.assess({**base, "accuracy": 0.95, "adversary_accuracy": 0.1, "probe_accuracy": 0.14})
+    leaky = objective.assess({**base, "accuracy": 0.99, "adversary_accuracy": 0.1, "probe_accuracy": 0.6})
+    leakier = objective.assess({**base, "accuracy": 0.99, "adversary_accuracy": 0.7, "probe_accuracy": 0.6})
+    # Below chance leaks class information too.
+    below = objective.assess({**base, "accuracy": 0.99, "adversary_accuracy": 0.01, "probe_accuracy": 0.1})
+    assert good["meets_target"] and better["meets_target"]
+    assert not leaky["meets_target"] and not below["meets_target"]
+    assert better["score"] > good["score"] > below["score"] > leaky["score"] > leakier["score"]
+    assert good["score"] == pytest.approx(0.9)
+    assert leaky["target_distance"] == pytest.approx(0.45)
+
+
+def test_objective_reads_the_number_of_classes_from_the_report():
+    objective = Objective(target=Target(tolerance=0.02))
+    four_classes = {"y_marginal_entropy_max": 1.3862943611198906, "accuracy": 0.5,
+                    "adversary_accuracy": 0.25, "probe_accuracy": 0.26}
+    assert objective.assess(four_classes)["meets_target"]
+    assert not Objective(target=Target(tolerance=0.02, chance=0.1)).assess(four_classes)["meets_target"]

@@ -1,0 +1,131 @@
+"""A trial that needs several workers (GPUs): a ``ray.train.torch.TorchTrainer``
+whose workers each run ``train(config)``; Accelerate inside picks up the
+process group Ray Train sets up.
+
+The trainer calls its hooks on the main process only, but Ray Train's
+``ray.train.report`` is collective (every worker must call it). So rank 0
+sends its evaluations and checkpoint bytes through a Ray queue to this trial's
+function, which reports them to Tune like a single-process trial; the
+checkpoint travels as bytes because the workers may sit on other nodes than
+the trial function.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+from daae.checkpoint import checkpoint_path
+from daae.config import Config, from_dict, to_dict
+
+from .spec import Resources
+from .trial import Reporter
+
+
+
+def scaling_config(resources: Resources):
+    from ray.train import ScalingConfig
+
+    workers = resources.num_workers
+    per_worker = {"CPU": resources.cpu / workers}
+    if resources.gpu:
+        per_worker["GPU"] = resources.gpu / workers
+    return ScalingConfig(num_workers=workers, use_gpu=resources.gpu > 0,
+                         resources_per_worker=per_worker)
+
+
+def build_trainer(config: Config, run_dir: Path, resume_bytes, channel, resources: Resources,
+                  storage_path: str):
+    from ray.train import FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    loop_config = {"config": to_dict(config), "run_dir": str(run_dir),
+                   "resume": resume_bytes, "channel": channel}
+    # Tune retries the whole trial from its own checkpoint; a second retry
+    # layer inside Ray Train would resume from a checkpoint Tune never saw.
+    run_config = RunConfig(name=f"workers-{uuid.uuid4().hex[:8]}",
+                           storage_path=storage_path, failure_config=FailureConfig(max_failures=0))
+    return TorchTrainer(worker_loop, train_loop_config=loop_config,
+                        scaling_config=scaling_config(resources), run_config=run_config)
+
+
+def worker_loop(loop_config: dict) -> None:
+    """What each Ray Train worker runs."""
+    import ray.train
+    import torch
+
+    from daae.train import Hooks, train
+
+    if not torch.cuda.is_available():
+        # Accelerate treats a multi-process CPU run as distributed only when told so.
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    config = from_dict(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    channel = loop_config["channel"]
+    resume = loop_config["resume"]
+    if resume is not None:
+        # Every rank loads the checkpoint, and ranks may sit on different nodes.
+        target = checkpoint_path(run_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".resume.")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(resume)
+        os.replace(tmp, target)
+    hooks = Hooks()
+    if ray.train.get_context().get_world_rank() == 0:
+        hooks = Hooks(on_evaluation=lambda step, metrics: channel.put(("evaluation", step, metrics)),
+                      on_checkpoint=lambda step, path: channel.put(
+                          ("checkpoint", step, Path(path).read_bytes())))
+    if resume is not None:
+        train(config, resume=run_dir, hooks=hooks)
+    else:
+        train(config, run_dir=run_dir, hooks=hooks)
+
+
+def train_distributed(config: Config, run_dir: Path, resume: bool, reporter: Reporter,
+                      resources: Resources) -> None:
+    """Run the trial's workers and relay what rank 0 sends to ``reporter``."""
+    from ray.util.queue import Empty, Queue
+
+    resume_bytes = checkpoint_path(run_dir).read_bytes() if resume else None
+    # No CPU of its own: it must fit beside this trial in the trial's tiny placement group.
+    channel = Queue(actor_options={"num_cpus": 0})
+    # Ray Train keeps its own run state inside the trial folder, out of the way.
+    trainer = build_trainer(config, run_dir, resume_bytes, channel, resources, str(run_dir))
+    outcome: dict = {}
+
+    def fit():
+        try:
+            trainer.fit()
+        except BaseException as exc:  # re-raised in the trial's thread below
+            outcome["error"] = exc
+
+    # fit() blocks, and the reports must come from the trial's own thread.
+    runner = threading.Thread(target=fit, name="torch-trainer", daemon=True)
+    runner.start()
+    staging = Path(tempfile.mkdtemp(prefix="daae-trial-")) / "checkpoints"
+    staging.mkdir()
+    try:
+        while True:
+            try:
+                kind, step, payload = channel.get(timeout=1.0)
+            except Empty:
+                if runner.is_alive() or not channel.empty():
+                    continue
+                break
+            if kind == "evaluation":
+                reporter.on_evaluation(step, payload)
+            else:
+                target = staging / "last.pt"
+                target.write_bytes(payload)
+                reporter.on_checkpoint(step, target)
+        runner.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        reporter.finish()
+    finally:
+        # Tune has copied every reported checkpoint into its storage by now.
+        shutil.rmtree(staging.parent, ignore_errors=True)

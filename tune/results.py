@@ -1,0 +1,215 @@
+"""What a finished search leaves in its experiment folder: the ranked trial
+table (CSV + Markdown), the per-arm mean ± std table of an ablation, the best
+configuration as a ``daae train`` YAML, and a TensorBoard hparams summary in
+every trial folder."""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from daae.config import to_dict
+from daae.evaluate import tensorboard_tags
+
+from .space import plain
+from .spec import ARM_KEY, SearchSpec
+from .storage import is_remote, write_text
+
+log = logging.getLogger(__name__)
+
+TRIALS_CSV, TRIALS_MD = "trials.csv", "trials.md"
+ARMS_CSV, ARMS_MD = "arms.csv", "arms.md"
+BEST_CONFIG = "best_config.yaml"
+METRIC_COLUMNS = ("score", "meets_target", "target_distance", "accuracy", "adversary_accuracy",
+                  "probe_accuracy", "linear_probe_accuracy", "labelled_accuracy", "recon_mse",
+                  "z_mean", "z_std", "y_marginal_entropy", "step")
+ARM_METRICS = ("accuracy", "adversary_accuracy", "probe_accuracy", "linear_probe_accuracy",
+               "recon_mse")
+PERCENT = ("accuracy", "adversary_accuracy", "probe_accuracy", "linear_probe_accuracy",
+           "labelled_accuracy")
+
+
+def collect(spec: SearchSpec, grid) -> list[dict]:
+    """One row per trial, best first: finished trials by score, then trials
+    that stopped early (ASHA; no final evaluation), then failed ones."""
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        params = {k: plain(v) for k, v in (result.config or {}).items()}
+        if result.error is not None:
+            status = "error"
+        elif metrics.get("final"):
+            status = "finished"
+        else:
+            status = "stopped"
+        row = {"trial": Path(str(result.path)).name, "status": status}
+        if spec.arms:
+            row[ARM_KEY] = params.get(ARM_KEY)
+        row |= {key: params.get(key) for key in spec.space}
+        row |= {key: metrics.get(key) for key in METRIC_COLUMNS}
+        row["_params"], row["_path"] = params, str(result.path)
+        rows.append(row)
+    order = {"finished": 0, "stopped": 1, "error": 2}
+    rows.sort(key=lambda r: (order[r["status"]], -(r["score"] if r["score"] is not None else -math.inf)))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def _visible(row: dict) -> dict:
+    return {"rank": row["rank"], **{k: v for k, v in row.items() if not k.startswith("_") and k != "rank"}}
+
+
+def _format(key: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}" if key not in METRIC_COLUMNS else f"{value:.4f}"
+    return str(value)
+
+
+def to_csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def to_markdown(rows: list[dict], formatter=_format) -> str:
+    if not rows:
+        return "(no trials)\n"
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(formatter(k, row[k]) for k in header) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ arms
+
+def arm_rows(spec: SearchSpec, rows: list[dict]) -> list[dict]:
+    """Mean and sample standard deviation (n-1) per arm over its finished
+    trials (the seeds), one row per arm in the YAML's order."""
+    out = []
+    for arm in spec.arms:
+        done = [r for r in rows if r.get(ARM_KEY) == arm and r["status"] == "finished"]
+        row = {"arm": arm, "n": len(done)}
+        for name in ARM_METRICS:
+            values = [r[name] for r in done if r[name] is not None]
+            row[f"{name}_mean"] = statistics.fmean(values) if values else None
+            row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+        row["meets_target"] = f"{sum(bool(r['meets_target']) for r in done)}/{len(done)}"
+        out.append(row)
+    return out
+
+
+def arms_markdown(rows: list[dict]) -> str:
+    table = []
+    for row in rows:
+        cells = {"arm": row["arm"], "n": row["n"]}
+        for name in ARM_METRICS:
+            mean, std = row[f"{name}_mean"], row[f"{name}_std"]
+            scale, unit = (100.0, " %") if name in PERCENT else (1.0, "")
+            label = f"{name}{unit}"
+            cells[label] = "" if mean is None else (
+                f"{mean * scale:.2f} ± {std * scale:.2f}" if scale != 1 else f"{mean:.4f} ± {std:.4f}")
+        cells["meets target"] = row["meets_target"]
+        table.append(cells)
+    return to_markdown(table, lambda key, value: str(value))
+
+
+# ----------------------------------------------------------------------- best config
+
+def best_config_yaml(spec: SearchSpec, row: dict) -> str:
+    config = spec.trainer_config(row["_params"], for_trial=False)
+    searched = {k: row["_params"][k] for k in row["_params"]}
+    header = (f"# Best trial {row['trial']} of search '{spec.name}' (score {row['score']:.4f}, "
+              f"validation accuracy {row['accuracy']:.4f}, meets target: {bool(row['meets_target'])}).\n"
+              f"# Searched values: {searched}\n"
+              f"# Train it with: daae train --config {BEST_CONFIG}\n")
+    return header + yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- hparams
+
+def _hparam_value(value: Any):
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def write_hparams(spec: SearchSpec, row: dict) -> None:
+    """An hparams session in the trial's own folder, beside the trainer's
+    scalars, so `tensorboard --logdir <experiment>` lists every trial in its
+    hparams view with the searched values and its final metrics."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    folder = Path(row["_path"])
+    if is_remote(row["_path"]) or not folder.is_dir() or row["score"] is None:
+        return
+    for old in folder.glob("events.out.tfevents.*.hparams"):
+        old.unlink()  # a resumed search writes them again
+    params = {k: _hparam_value(v) for k, v in row["_params"].items()}
+    params["status"] = row["status"]
+    measured = {k: row[k] for k in ("accuracy", "adversary_accuracy", "probe_accuracy",
+                                    "linear_probe_accuracy", "recon_mse") if row.get(k) is not None}
+    # The trainer's own tags, so the hparams view reads its scalars.
+    metric_tags = tensorboard_tags("val", measured)
+    own = {"tune/score": row["score"], "tune/meets_target": float(bool(row["meets_target"]))}
+    own = {k: v for k, v in own.items() if v is not None}
+    # Listing a key's values lets the hparams view filter on them; TensorBoard
+    # wants them of the trial's own type.
+    domains = {k: [_hparam_value(v) for v in d.args] for k, d in spec.space.items()
+               if d.kind in ("choice", "grid")}
+    if spec.arms:
+        domains[ARM_KEY] = list(spec.arms)
+    discrete = {k: values for k, values in domains.items()
+                if k in params and all(type(v) is type(params[k]) for v in values)}
+    exp, start, end = hparams(params, {**metric_tags, **own}, discrete)
+    with SummaryWriter(str(folder), filename_suffix=".hparams") as writer:
+        for summary in (exp, start, end):
+            writer.file_writer.add_summary(summary)
+        for tag, value in own.items():
+            writer.add_scalar(tag, value, row["step"] or 0)
+
+
+# ---------------------------------------------------------------------------- writer
+
+def write_outputs(spec: SearchSpec, grid) -> tuple[dict[str, str], list[dict]]:
+    rows = collect(spec, grid)
+    base = spec.experiment_path
+    visible = [_visible(r) for r in rows]
+    files = {TRIALS_CSV: to_csv(visible), TRIALS_MD: to_markdown(visible)}
+    if spec.arms:
+        arms = arm_rows(spec, rows)
+        files[ARMS_CSV] = to_csv(arms)
+        files[ARMS_MD] = arms_markdown(arms)
+    best: Optional[dict] = next((r for r in rows if r["status"] == "finished"), None)
+    if best is not None:
+        files[BEST_CONFIG] = best_config_yaml(spec, best)
+    else:
+        log.warning("no trial finished, so there is no best configuration")
+    paths = {}
+    for name, text in files.items():
+        write_text(f"{base}/{name}", text)
+        paths[name] = f"{base}/{name}"
+    for row in rows:
+        try:
+            write_hparams(spec, row)
+        except (OSError, TypeError, ValueError) as exc:  # a summary is not worth failing a finished search
+            log.warning("no hparams summary for %s: %s", row["trial"], exc)
+    if best is not None and not best["meets_target"]:
+        log.warning("no finished trial meets the decorrelation target (tolerance %.3f); the best "
+                    "configuration is the one nearest to it", spec.file.target.tolerance)
+    return paths, rows

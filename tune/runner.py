@@ -1,0 +1,243 @@
+"""Start, resume and finish a search: Ray, the Tuner, and the checks that
+must pass before any trial starts."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import ray
+from ray import tune
+from ray.tune.logger import TBXLoggerCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from .space import SearchError
+from .spec import ARM_KEY, SEARCH_FILE, SearchSpec, parse_search
+from .storage import exists, is_remote, read_text, write_text
+from .trial import TrialSetup, run_trial, trial_dirname
+
+log = logging.getLogger(__name__)
+
+# A trial that only drives distributed workers needs next to no CPU itself;
+# Tune insists on some resource for every trial.
+DRIVER_CPU = 0.01
+
+
+@dataclass
+class Outcome:
+    experiment_path: str
+    complete: bool
+    files: dict[str, str] = field(default_factory=dict)
+    rows: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ ray
+
+def ensure_ray(address: Optional[str] = None) -> bool:
+    """Connect to ``address`` (or $RAY_ADDRESS), else start Ray in-process.
+    Returns whether this call started it (and so should shut it down)."""
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)
+    return True
+
+
+def check_cluster(spec: SearchSpec) -> None:
+    """Fail before any trial when the cluster can never place one."""
+    r = spec.file.resources
+    workers = r.num_workers
+    bundle = {"CPU": r.cpu / workers, "GPU": r.gpu / workers}
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    fits = [n for n in nodes if all(n.get(k, 0.0) >= v for k, v in bundle.items() if v)]
+    totals = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+    what = (f"resources: a trial needs {r.cpu:g} CPU and {r.gpu:g} GPU"
+            + (f" over {workers} workers" if workers > 1 else ""))
+    have = f"the cluster has {totals['CPU']:g} CPU and {totals['GPU']:g} GPU"
+    if not fits:
+        raise SearchError(f"{what}, but no node can hold a "
+                          f"{'worker' if workers > 1 else 'trial'} of {bundle}; {have}")
+    if workers > 1 and (r.cpu + DRIVER_CPU > totals["CPU"] or r.gpu > totals["GPU"]):
+        raise SearchError(f"{what}, more than {have}")
+
+
+# ---------------------------------------------------------------------------- tuner
+
+class NoTBXLogger(TBXLoggerCallback):
+    """Stands in for Ray's TensorBoardX logger: each trial folder already holds
+    the trainer's own event files, and results.write_hparams adds the hparams
+    view, so Ray's duplicate ray/tune/* scalars would only clutter TensorBoard."""
+
+    def __init__(self):
+        pass
+
+    def log_trial_start(self, trial):
+        pass
+
+    def log_trial_result(self, iteration, trial, result):
+        pass
+
+    def log_trial_end(self, trial, failed=False):
+        pass
+
+
+INTERRUPT_MARKER = ".fault_injection_interrupted"
+
+
+class InterruptAfter(tune.Callback):
+    """Test-only: SIGINT this driver once ``after_trials`` trials finished,
+    which is what Ctrl+C does to an interactive search. Once per experiment
+    (Tune pickles callbacks into its state, so a resumed search has it too)."""
+
+    def __init__(self, after_trials: int, experiment_path: str):
+        self.after_trials = after_trials
+        self.marker = f"{experiment_path}/{INTERRUPT_MARKER}"
+        self.finished = 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished += 1
+        if self.finished >= self.after_trials and not exists(self.marker):
+            write_text(self.marker, "interrupted\n")
+            log.warning("fault_injection.interrupt_after_trials: interrupting the search")
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def build_trainable(spec: SearchSpec, experiment_dir: Optional[str]):
+    setup = TrialSetup(spec, experiment_dir)
+    r = spec.file.resources
+    if r.num_workers > 1:
+        resources = {"cpu": DRIVER_CPU}
+    else:
+        resources = {"cpu": r.cpu, "gpu": r.gpu}
+    return tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
+
+
+def param_space(spec: SearchSpec) -> dict:
+    space = {key: dist.to_tune() for key, dist in spec.space.items()}
+    if spec.arms:
+        space[ARM_KEY] = tune.grid_search(list(spec.arms))
+    return space
+
+
+def expected_trials(spec: SearchSpec) -> int:
+    """Tune's count: every grid point (arms included) times num_samples."""
+    count = spec.file.num_samples * max(len(spec.arms), 1)
+    for dist in spec.space.values():
+        if dist.kind == "grid":
+            count *= len(dist.args)
+    return count
+
+
+def _dirname(trial) -> str:
+    return trial_dirname(trial.trial_id, trial.config)
+
+
+def build_tuner(spec: SearchSpec):
+
+    f = spec.file
+    scheduler = None
+    if f.scheduler.kind == "asha":
+        max_t = f.scheduler.max_t or spec.trainer_config({}).train.max_steps
+        scheduler = ASHAScheduler(time_attr="step", max_t=max_t,
+                                  grace_period=f.scheduler.grace_period,
+                                  reduction_factor=f.scheduler.reduction_factor,
+                                  brackets=f.scheduler.brackets)
+    callbacks = [NoTBXLogger()]
+    if f.fault_injection.interrupt_after_trials:
+        callbacks.append(InterruptAfter(f.fault_injection.interrupt_after_trials,
+                                        spec.experiment_path))
+    tune_config = tune.TuneConfig(
+        metric="score", mode="max", num_samples=f.num_samples, scheduler=scheduler,
+        # Tune ignores max_concurrent_trials with a search algorithm instance.
+        search_alg=BasicVariantGenerator(random_state=f.seed,
+                                         max_concurrent=f.max_concurrent_trials or 0),
+        trial_dirname_creator=_dirname, trial_name_creator=_dirname)
+    run_config = tune.RunConfig(
+        name=f.name, storage_path=f.storage_path, callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=f.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=f.keep_checkpoints),
+        sync_config=tune.SyncConfig(sync_artifacts=is_remote(f.storage_path)),
+        verbose=1)
+    experiment_dir = None if is_remote(f.storage_path) else spec.experiment_path
+    return tune.Tuner(build_trainable(spec, experiment_dir), param_space=param_space(spec),
+                      tune_config=tune_config, run_config=run_config)
+
+
+# --------------------------------------------------------------------------- search
+
+def _finish(spec: SearchSpec, grid) -> Outcome:
+    from .results import write_outputs
+
+    path = spec.experiment_path
+    # Judged on the state saved on disk, which is what a resume continues:
+    # after an interrupt, trials that were still running are unfinished there,
+    # though Tune has already stopped them in memory. Trials held back by
+    # max_concurrent_trials do not exist yet at all, hence the expected count.
+    saved = tune.ExperimentAnalysis(path).trials
+    done = sum(t.status in ("TERMINATED", "ERROR") for t in saved)
+    expected = expected_trials(spec)
+    if done < expected:
+        log.warning("the search stopped with %d of %d trials done; continue it with "
+                    "`daae tune --resume %s`", done, expected, path)
+        return Outcome(path, complete=False)
+    files, rows = write_outputs(spec, grid)
+    return Outcome(path, complete=True, files=files, rows=rows)
+
+
+def run_search(spec: SearchSpec, *, address: Optional[str] = None,
+               check_resources: bool = True) -> Outcome:
+    path = spec.experiment_path
+    if exists(f"{path}/{SEARCH_FILE}"):
+        raise SearchError(f"the experiment folder {path} already holds a search: continue it with "
+                          f"`daae tune --resume {path}`, or set name=... or storage_path=...")
+    started = ensure_ray(address)
+    try:
+        if check_resources:
+            check_cluster(spec)
+        write_text(f"{path}/{SEARCH_FILE}", spec.to_yaml())
+        log.info("search %s: results in %s", spec.name, path)
+        grid = build_tuner(spec).fit()
+        return _finish(spec, grid)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def load_experiment(path: str) -> SearchSpec:
+    path = path.rstrip("/")
+    if not is_remote(path):
+        path = str(Path(path).expanduser().resolve())
+    if not exists(f"{path}/{SEARCH_FILE}"):
+        raise SearchError(f"{path} is not a daae search folder: it has no {SEARCH_FILE} "
+                          f"(pass storage_path/name of a search)")
+    import yaml
+
+    spec = parse_search(yaml.safe_load(read_text(f"{path}/{SEARCH_FILE}")), source=None)
+    # The folder may have moved since the search started.
+    spec.file.storage_path, spec.file.name = path.rsplit("/", 1)
+    return spec
+
+
+def resume_search(path: str, *, address: Optional[str] = None) -> Outcome:
+    """Continue an interrupted search: unfinished and errored trials resume
+    from their last checkpoints, finished ones are kept as they are."""
+    spec = load_experiment(path)
+    started = ensure_ray(address)
+    try:
+        if not tune.Tuner.can_restore(spec.experiment_path):
+            raise SearchError(f"{spec.experiment_path} holds no Tune experiment state to resume "
+                              f"(did the search start any trial?)")
+        experiment_dir = None if is_remote(spec.experiment_path) else spec.experiment_path
+        tuner = tune.Tuner.restore(spec.experiment_path,
+                                   trainable=build_trainable(spec, experiment_dir),
+                                   resume_unfinished=True, resume_errored=True)
+        return _finish(spec, tuner.fit())
+    finally:
+        if started:
+            ray.shutdown()

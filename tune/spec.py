@@ -1,0 +1,391 @@
+"""The search YAML: parsed into dataclasses and checked against the trainer's
+own config schema before any trial starts.
+
+    name: weights                 # experiment folder: storage_path/name
+    base: ../mnist.yaml           # trainer config: a path (relative to this file) or a mapping
+    overrides: {train.max_steps: 3000}   # dotted trainer keys (or a list of "key=value")
+    space:                        # dotted trainer key -> distribution (tune/space.py)
+      loss.decorrelation: {loguniform: [0.05, 2.0]}
+    arms:                         # optional named variants, each a set of dotted overrides
+      off: {loss.decorrelation: 0.0}
+    num_samples: 8                # random samples; grids multiply (Ray Tune semantics)
+    seed: 0                       # of the random sampler
+    metric: accuracy              # validation metric the objective ranks on
+    mode: max
+    target: {tolerance: 0.05, metrics: [adversary_accuracy, probe_accuracy], chance: null}
+    scheduler: {kind: asha, grace_period: 500, reduction_factor: 3, max_t: null, brackets: 1}
+    resources: {cpu: 1, gpu: 0, workers: null}
+    max_failures: 1
+    max_concurrent_trials: null
+    storage_path: ray_results    # local folder (shared file system on a cluster) or s3://...
+    keep_checkpoints: 2
+    fault_injection: {crash_once_at_step: null, interrupt_after_trials: null}   # tests only
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from daae.config import (Config, ConfigError, from_dict, parse_override, read_yaml, set_dotted,
+                         to_dict)
+
+from .objective import FINAL_ONLY_METRICS, TARGETABLE_METRICS, VALIDATION_METRICS, Objective, Target
+from .space import KINDS, Distribution, SearchError
+from .typed import build, command_line_value
+
+# The trial owns these: where it writes, and that it never looks at test data.
+RESERVED_KEYS = ("eval.final_test", "run.dir", "run.name", "run.progress_bar")
+ARM_KEY = "arm"
+SEARCH_FILE = "search.yaml"
+
+
+@dataclass
+class Scheduler:
+    kind: str = "none"  # asha | none
+    grace_period: int = 1  # steps
+    reduction_factor: float = 3.0
+    # None: train.max_steps of the trial config.
+    max_t: Optional[int] = None
+    brackets: int = 1
+
+
+@dataclass
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0
+    # Distributed workers per trial (TorchTrainer + Accelerate); None: one per
+    # GPU when gpu > 1, else a single process.
+    workers: Optional[int] = None
+
+    @property
+    def num_workers(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return int(self.gpu) if self.gpu > 1 else 1
+
+
+@dataclass
+class FaultInjection:
+    """Test-only faults, off by default."""
+    crash_once_at_step: Optional[int] = None  # raise once, right after the first checkpoint at or past it
+    interrupt_after_trials: Optional[int] = None  # SIGINT the driver once this many trials finished
+
+
+@dataclass
+class SearchFile:
+    """The YAML's schema (types checked by daae.config's builder)."""
+    name: Optional[str] = None
+    base: Any = None
+    overrides: Any = None
+    space: Any = None
+    arms: Any = None
+    num_samples: int = 1
+    seed: Optional[int] = None
+    metric: str = "accuracy"
+    mode: str = "max"
+    target: Target = field(default_factory=Target)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    resources: Resources = field(default_factory=Resources)
+    max_failures: int = 0
+    max_concurrent_trials: Optional[int] = None
+    storage_path: str = "ray_results"
+    keep_checkpoints: int = 2
+    fault_injection: FaultInjection = field(default_factory=FaultInjection)
+
+
+@dataclass
+class SearchSpec:
+    file: SearchFile
+    base: dict  # the trainer config with `overrides` applied, as a plain mapping
+    space: dict[str, Distribution]
+    arms: dict[str, dict[str, Any]]
+    source: Optional[str] = None
+
+    @property
+    def objective(self) -> Objective:
+        return Objective(self.file.metric, self.file.mode, self.file.target)
+
+    @property
+    def name(self) -> str:
+        return self.file.name
+
+    @property
+    def experiment_path(self) -> str:
+        return f"{self.file.storage_path.rstrip('/')}/{self.file.name}"
+
+    def trainer_config(self, params: dict, *, for_trial: bool = True) -> Config:
+        """The trainer config of one trial: base, then its arm, then its sampled
+        values. ``for_trial`` pins what a trial must not change (no test split)."""
+        values = copy.deepcopy(self.base)
+        params = dict(params)
+        arm = params.pop(ARM_KEY, None)
+        for key, value in [*self.arms.get(arm, {}).items(), *params.items()]:
+            set_dotted(values, key, value)
+        if for_trial:
+            set_dotted(values, "eval.final_test", False)
+            set_dotted(values, "run.progress_bar", False)
+        return from_dict(values)
+
+    def to_yaml(self) -> str:
+        """Self-contained: the base is inlined, so resuming needs no other file."""
+        data = dataclasses.asdict(self.file)
+        data.update(base=self.base, overrides={},
+                    space={k: d.to_yaml() for k, d in self.space.items()}, arms=self.arms or None)
+        header = f"# resolved from {self.source}\n" if self.source else ""
+        return header + yaml.safe_dump(data, sort_keys=False)
+
+
+# ------------------------------------------------------------------------- parsing
+
+def _dotted_mapping(where: str, value: Any, leaves_are_specs: bool = False) -> dict[str, Any]:
+    """A mapping of dotted trainer keys, from a mapping (dotted or nested) or a
+    list of ``key=value`` strings. With ``leaves_are_specs`` (the space), a
+    mapping is a section only when all its values are mappings, so a
+    misspelt distribution is reported as one rather than as an unknown key."""
+    if value is None:
+        return {}
+    if isinstance(value, list):
+        out = {}
+        for item in value:
+            if not isinstance(item, str):
+                raise SearchError(f"{where}: expected 'dotted.key=value' strings, got {item!r}")
+            key, parsed = parse_override(item)
+            out[key] = parsed
+        return out
+    if not isinstance(value, dict):
+        raise SearchError(f"{where}: expected a mapping of dotted trainer keys, got {value!r}")
+    out = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise SearchError(f"{where}: keys must be strings, got {key!r}")
+        section = isinstance(item, dict) and bool(item) and (
+            all(isinstance(v, dict) for v in item.values()) if leaves_are_specs
+            else not set(item) <= set(KINDS))
+        if section:
+            for sub, sub_value in _dotted_mapping(f"{where}.{key}", item, leaves_are_specs).items():
+                out[f"{key}.{sub}"] = sub_value
+        else:
+            out[key] = item
+    return out
+
+
+def _apply_cli(values: dict, overrides: list[str]) -> None:
+    """``key=value`` on the search YAML's own keys. ``overrides.``, ``space.``
+    and ``arms.NAME.`` prefixes reach into the trainer-key mappings."""
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.startswith(("overrides.", "space.")):
+            section, rest = key.split(".", 1)
+            values[section][rest] = value
+        elif key.startswith("arms."):
+            parts = key.split(".", 2)
+            if len(parts) != 3:
+                raise SearchError(f"override '{text}': expected arms.NAME.dotted.key=value")
+            values["arms"].setdefault(parts[1], {})[parts[2]] = value
+        elif key.split(".")[0] in {f.name for f in dataclasses.fields(Config)}:
+            raise SearchError(f"override '{text}': '{key}' is a trainer key; the command line sets "
+                              f"the search YAML's keys, so write overrides.{key}={value}")
+        else:
+            try:
+                set_dotted(values, key, value)
+            except ConfigError as exc:
+                raise SearchError(str(exc)) from None
+
+
+def _trainer_hint(dotted: str) -> Any:
+    """The declared type of a dotted trainer key, or None if there is no such key
+    (validation names it later)."""
+    cls = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hint = typing.get_type_hints(cls).get(part)
+        if hint is None:
+            return None
+        cls = hint
+    return cls
+
+
+def _plain_values(values: dict) -> None:
+    """Command-line values as plain data, read by the type of their trainer key."""
+    values["overrides"] = {k: command_line_value(v, _trainer_hint(k))
+                           for k, v in values["overrides"].items()}
+    values["space"] = {k: command_line_value(v) for k, v in values["space"].items()}
+    values["arms"] = {name: {k: command_line_value(v, _trainer_hint(k)) for k, v in arm.items()}
+                      for name, arm in values["arms"].items()}
+
+
+def _load_base(base: Any, folder: Path) -> dict:
+    if isinstance(base, dict):
+        return copy.deepcopy(base)
+    if isinstance(base, str):
+        path = Path(base)
+        if not path.is_absolute():
+            path = folder / path if (folder / path).exists() else Path.cwd() / path
+        return read_yaml(path)
+    raise SearchError(f"base: expected a trainer config path or mapping, got {base!r}")
+
+
+def parse_search(values: dict, *, folder: Path = Path("."), cli: list[str] = (),
+                 source: Optional[str] = None) -> SearchSpec:
+    values = copy.deepcopy(values or {})
+    if not isinstance(values, dict):
+        raise SearchError("a search YAML must be a mapping at the top level")
+    values["overrides"] = _dotted_mapping("overrides", values.get("overrides"))
+    values["space"] = _dotted_mapping("space", values.get("space"), leaves_are_specs=True)
+    arms = values.get("arms") or {}
+    if not isinstance(arms, dict):
+        raise SearchError(f"arms: expected a mapping of arm name -> dotted overrides, got {arms!r}")
+    values["arms"] = {str(name): _dotted_mapping(f"arms.{name}", arm) for name, arm in arms.items()}
+    _apply_cli(values, list(cli))
+    _plain_values(values)
+    search = build(SearchFile, values)
+    if search.base is None:
+        raise SearchError("base: a search needs a trainer config (a path or a mapping)")
+    if search.name is None:
+        search.name = Path(source).stem if source else "search"
+    base = _load_base(search.base, folder)
+    try:
+        for key, value in search.overrides.items():
+            set_dotted(base, key, value)
+        # The full config, defaults included, so the saved search reproduces
+        # even if a default changes later.
+        base = to_dict(from_dict(base))
+    except ConfigError as exc:
+        raise SearchError(f"base/overrides: {exc}") from None
+    space = {key: Distribution.parse(key, spec) for key, spec in search.space.items()}
+    spec = SearchSpec(search, base, space, values["arms"], source)
+    _absolute_paths(spec)
+    validate(spec)
+    return spec
+
+
+def load_search(path: str | Path, cli: list[str] = ()) -> SearchSpec:
+    path = Path(path)
+    return parse_search(read_yaml(path), folder=path.parent, cli=cli, source=str(path))
+
+
+def _absolute_paths(spec: SearchSpec) -> None:
+    # Trials run with their own working directory, so relative paths are
+    # pinned to where the search was started; DAAE_DATA_DIR too, because a
+    # worker on another node does not share the driver's environment.
+    data = spec.base.setdefault("data", {})
+    root = data.get("root") or os.environ.get("DAAE_DATA_DIR")
+    if root:
+        data["root"] = str(Path(root).expanduser().resolve())
+    if "://" not in spec.file.storage_path:
+        spec.file.storage_path = str(Path(spec.file.storage_path).expanduser().resolve())
+
+
+# ---------------------------------------------------------------------- validation
+
+def _check_trainer_values(spec: SearchSpec) -> None:
+    for key in [*spec.space, *(k for arm in spec.arms.values() for k in arm)]:
+        if key in RESERVED_KEYS:
+            raise SearchError(f"'{key}' cannot be searched: the search sets it for every trial")
+    for key, dist in spec.space.items():
+        for value in dist.candidates():
+            try:
+                spec.trainer_config({key: value})
+            except ConfigError as exc:
+                raise SearchError(f"space '{key}' value {value!r}: {exc}") from None
+    for name in spec.arms or {}:
+        try:
+            spec.trainer_config({ARM_KEY: name})
+        except ConfigError as exc:
+            raise SearchError(f"arms '{name}': {exc}") from None
+    # One combined sample too: keys can constrain each other.
+    sample = {k: d.candidates()[0] for k, d in spec.space.items()}
+    for name in spec.arms or [None]:
+        try:
+            spec.trainer_config({**sample, ARM_KEY: name})
+        except ConfigError as exc:
+            raise SearchError(f"space/arms combination {sample} (arm {name}): {exc}") from None
+
+
+def validate(spec: SearchSpec) -> None:
+    f = spec.file
+    if not f.name or "/" in f.name or f.name.startswith("."):
+        raise SearchError(f"name: '{f.name}' must be a plain folder name")
+    if f.num_samples < 1:
+        raise SearchError(f"num_samples: must be at least 1, got {f.num_samples}")
+    if f.metric not in VALIDATION_METRICS:
+        raise SearchError(f"metric: nothing reports '{f.metric}'; the validation metrics are "
+                          f"{', '.join(VALIDATION_METRICS)}")
+    if f.mode not in ("max", "min"):
+        raise SearchError(f"mode: expected max or min, got '{f.mode}'")
+    for name in f.target.metrics:
+        if name not in TARGETABLE_METRICS:
+            raise SearchError(f"target.metrics: '{name}' is not reported as a classifier accuracy; "
+                              f"choose from {', '.join(TARGETABLE_METRICS)}")
+    if not 0 <= f.target.tolerance <= 1:
+        raise SearchError(f"target.tolerance: must be in [0, 1], got {f.target.tolerance}")
+    if f.target.chance is not None and not 0 < f.target.chance < 1:
+        raise SearchError(f"target.chance: must be in (0, 1), got {f.target.chance}")
+    if f.max_failures < -1:
+        raise SearchError("max_failures: must be -1 (retry forever), 0 or more")
+    if f.keep_checkpoints < 1:
+        raise SearchError("keep_checkpoints: must be at least 1 (trials resume from it)")
+    if f.max_concurrent_trials is not None and f.max_concurrent_trials < 1:
+        raise SearchError("max_concurrent_trials: must be at least 1, or null")
+    if ARM_KEY in spec.space:
+        raise SearchError(f"space: '{ARM_KEY}' is reserved for the arms mapping")
+    _check_resources(f.resources)
+    _check_trainer_values(spec)
+    _check_schedule(spec)
+
+
+def _check_resources(r: Resources) -> None:
+    if r.cpu <= 0:
+        raise SearchError(f"resources.cpu: must be positive, got {r.cpu}")
+    if r.gpu < 0:
+        raise SearchError(f"resources.gpu: must be 0 or more, got {r.gpu}")
+    if r.gpu > 1 and r.gpu != int(r.gpu):
+        raise SearchError(f"resources.gpu: {r.gpu} GPUs: more than one GPU per trial must be a whole "
+                          f"number (one per distributed worker); fractions are for sharing one GPU")
+    if r.workers is not None:
+        if r.workers < 1:
+            raise SearchError(f"resources.workers: must be at least 1, got {r.workers}")
+        if r.gpu > 1 and r.workers != int(r.gpu):
+            raise SearchError(f"resources.workers: {r.workers} workers for {int(r.gpu)} GPUs; "
+                              f"a distributed trial uses one GPU per worker")
+
+
+def _check_schedule(spec: SearchSpec) -> None:
+    f, s = spec.file, spec.file.scheduler
+    config = spec.trainer_config({k: d.candidates()[0] for k, d in spec.space.items()})
+    if config.run.checkpoint_every % config.run.eval_every:
+        raise SearchError(
+            f"run.checkpoint_every ({config.run.checkpoint_every}) must be a multiple of "
+            f"run.eval_every ({config.run.eval_every}) in a search: each checkpoint is reported to "
+            f"Tune with the evaluation at its step")
+    if f.metric in FINAL_ONLY_METRICS and not config.eval.probes_during_training:
+        raise SearchError(f"metric: '{f.metric}' is reported only when a trial ends; set "
+                          f"overrides.eval.probes_during_training=true to rank on it")
+    if config.train.mixed_precision == "fp16" and f.resources.gpu == 0:
+        raise SearchError("train.mixed_precision=fp16 needs a GPU but resources.gpu is 0")
+    if s.kind not in ("asha", "none"):
+        raise SearchError(f"scheduler.kind: expected asha or none, got '{s.kind}'")
+    if s.kind == "none":
+        return
+    max_t = s.max_t if s.max_t is not None else config.train.max_steps
+    if max_t is None:
+        raise SearchError("scheduler.max_t: set it (in steps) or set train.max_steps, so ASHA "
+                          "knows where its rungs end")
+    if not 1 <= s.grace_period <= max_t:
+        raise SearchError(f"scheduler.grace_period: must be in [1, max_t={max_t}], got {s.grace_period}")
+    if s.reduction_factor <= 1:
+        raise SearchError(f"scheduler.reduction_factor: must be above 1, got {s.reduction_factor}")
+    if s.brackets < 1:
+        raise SearchError(f"scheduler.brackets: must be at least 1, got {s.brackets}")
+    if s.grace_period < config.run.eval_every:
+        raise SearchError(f"scheduler.grace_period ({s.grace_period} steps) is shorter than "
+                          f"run.eval_every ({config.run.eval_every}): ASHA would decide before the "
+                          f"first evaluation")

@@ -1,0 +1,43 @@
+"""Small file helpers that work on a local folder and on a storage URI
+(s3://, gs://, ...) alike, through pyarrow's file systems (as Ray does)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _fs(path: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(path)
+
+
+def exists(path: str) -> bool:
+    if not is_remote(path):
+        return Path(path).exists()
+    import pyarrow.fs
+
+    fs, inner = _fs(path)
+    return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
+
+
+def read_text(path: str) -> str:
+    if not is_remote(path):
+        return Path(path).read_text()
+    fs, inner = _fs(path)
+    with fs.open_input_stream(inner) as stream:
+        return stream.read().decode()
+
+
+def write_text(path: str, text: str) -> None:
+    if not is_remote(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+        return
+    fs, inner = _fs(path)
+    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(inner) as stream:
+        stream.write(text.encode())
