@@ -1,12 +1,11 @@
-"""Atomic checkpoints: written to a temporary file beside the target, then renamed,
-so a crash mid-write never leaves a half-overwritten checkpoint."""
+"""Checkpoints: written atomically, read with weights_only=True."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_write
 
 FORMAT_VERSION = 1
 LAST = "last.pt"
@@ -21,19 +20,7 @@ def checkpoint_path(run_dir: str | Path) -> Path:
 
 
 def save_atomic(state: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def load(path: str | Path) -> dict:

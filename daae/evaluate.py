@@ -136,6 +136,7 @@ def tensorboard_tags(split_name: str, metrics: dict[str, float]) -> dict[str, fl
 def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device=None) -> dict:
     """``daae eval``: the metrics of a run folder's last checkpoint on one split,
     probes included, as flat keys."""
+    from .consistency import generation_consistency
     from .runs import load_trained_run
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -145,5 +146,6 @@ def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device
     metrics = evaluate(run.nets, target, data.labelled, run.config.eval, data.num_classes, device,
                        data.train_images(), run.config.seed)
     flat = {f"{split}_accuracy" if key == "accuracy" else key: value for key, value in metrics.items()}
+    flat.update(generation_consistency(run.nets, data, run.config, device))
     flat.update(split=split, step=int(run.state["step"]))
     return flat

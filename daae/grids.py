@@ -1,12 +1,12 @@
 """Image grids for TensorBoard and PNG files (no torchvision)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .atomic import atomic_write
 
 
 def make_grid(images: torch.Tensor, rows: int, padding: int = 2) -> torch.Tensor:
@@ -25,19 +25,9 @@ def save_png(grid: torch.Tensor, path: str | Path) -> None:
     """Write a C x H x W grid in [0, 1] as PNG, atomically."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"))
 
 
 @torch.no_grad()

@@ -3,8 +3,6 @@ trained model from a folder (for eval, sampling and resume)."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .atomic import atomic_write
 from .config import Config, ConfigError, load_config
 from .data import SemiSupervisedData, load_data
 from .models import Networks
@@ -40,11 +39,8 @@ def new_run_dir(config: Config) -> Path:
 
 
 def write_json(data: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda handle: handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n"),
+                 binary=False)
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:

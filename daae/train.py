@@ -17,6 +17,7 @@ from .config import Config, ConfigError, save_config, to_dict
 from .data import DeviceBatches, load_data, to_float
 from .evaluate import evaluate, tensorboard_tags
 from .grids import save_png, training_grids
+from .sample import tensorboard_generation
 from .runs import CONFIG_FILE, METRICS_FILE, build_networks, new_run_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -317,6 +318,8 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
                                             config.model.z_dim, grid_generator).items():
                 writer.add_image(tag, grid, step)
                 save_png(grid, run_dir / "images" / f"{tag.split('/')[-1]}_{step:07d}.png")
+            tensorboard_generation(writer, nets, data, step, seed=config.seed,
+                                   images_dir=run_dir / "images")
             # A Tune scheduler may kill this process right after the hook.
             writer.flush()
             if hooks.on_evaluation:

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -19,15 +20,19 @@ def trained_run(tmp_path_factory):
     return root / "r"
 
 
-def test_eval_prints_the_metrics_as_one_json_object(trained_run):
+def test_eval_prints_the_metrics_as_one_json_object(trained_run, tmp_path):
+    # The generation-consistency checker is cached under XDG_CACHE_HOME.
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
     done = subprocess.run([sys.executable, "-m", "daae", "eval", "--checkpoint", str(trained_run),
                            "--json", "eval.probe_epochs=1"], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     metrics = json.loads(done.stdout)
     for key in ("test_accuracy", "adversary_accuracy", "probe_accuracy", "linear_probe_accuracy",
-                "recon_mse", "z_mean", "z_std", "y_marginal_entropy", "labelled_accuracy"):
+                "recon_mse", "z_mean", "z_std", "y_marginal_entropy", "labelled_accuracy",
+                "generation_consistency"):
         assert isinstance(metrics[key], float), key
+    assert list(tmp_path.glob("daae/classifiers/synthetic-*.pt"))
     assert metrics["test_accuracy"] > 0.3 and metrics["step"] == 40
 
 
