@@ -150,12 +150,21 @@ class OverrideText(str):
         return str(self), self.parsed
 
 
+def command_line_value(value: Any, hint: Any = None) -> Any:
+    """Resolve an :class:`OverrideText` for a key annotated ``hint``: a text key
+    takes the text, any other key what YAML reads."""
+    if not isinstance(value, OverrideText):
+        return value
+    wants_text = hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                                 and str in typing.get_args(hint) and value.parsed is not None)
+    return str(value) if wants_text else value.parsed
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``hint``; ints pass as floats."""
-    if isinstance(value, OverrideText):
-        wants_text = hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
-                                     and str in typing.get_args(hint) and value.parsed is not None)
-        value = str(value) if wants_text else value.parsed
+    value = command_line_value(value, hint)
+    if hint is Any:
+        return value
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -190,7 +199,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {name}, got {value!r} ({type(value).__name__})")
 
 
-def _build(cls, values: dict, prefix: str):
+def build_dataclass(cls, values: Any, prefix: str = ""):
+    """``cls`` from a mapping, checking every key and type; an empty section
+    (None) takes the defaults."""
+    if values is None:
+        return cls()
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
     hints = _field_types(cls)
@@ -202,14 +215,14 @@ def _build(cls, values: dict, prefix: str):
             raise ConfigError(f"unknown key '{dotted}'; known keys here: {known}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{dotted}.")
+            kwargs[key] = build_dataclass(hint, value, f"{dotted}.")
         else:
             kwargs[key] = _coerce(value, hint, dotted)
     return cls(**kwargs)
 
 
 def from_dict(values: dict) -> Config:
-    config = _build(Config, values or {}, "")
+    config = build_dataclass(Config, values or {})
     validate(config)
     return config
 
