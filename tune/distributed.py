@@ -33,8 +33,10 @@ def scaling_config(resources: Resources):
     per_worker = {"CPU": resources.cpu / workers}
     if resources.gpu:
         per_worker["GPU"] = resources.gpu / workers
+    # One node per trial: the trial's run folder (Ray Train's storage_path) is
+    # local to the node that started it when the experiment lives in a bucket.
     return ScalingConfig(num_workers=workers, use_gpu=resources.gpu > 0,
-                         resources_per_worker=per_worker)
+                         resources_per_worker=per_worker, placement_strategy="STRICT_PACK")
 
 
 def build_trainer(config: Config, run_dir: Path, resume_bytes, channel, resources: Resources,

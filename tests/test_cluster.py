@@ -1,0 +1,618 @@
+"""cluster/: the launcher configs, manifests and scripts, each checked by the
+tool that reads it (Ray's `ray up` validation, Accelerate's launcher, bash),
+and searches on real two-node Ray clusters on this machine: the SLURM script
+(`ray start --head`, `ray start --address`, `daae tune --address`), `ray job
+submit`, and a search whose worker node is killed while its trial runs."""
+import configparser
+import csv
+import importlib.util
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+SMOKE = ROOT / "configs" / "tune" / "smoke.yaml"
+BIN = Path(sys.executable).parent
+LAUNCHERS = ("aws", "gcp")
+ACCELERATE_CONFIGS = ("one_node", "multi_node")
+SLURM_SCRIPTS = ("tune.sbatch", "accelerate.sbatch")
+IMAGE_WORKDIR = "/home/ray/daae"
+
+log = logging.getLogger(__name__)
+
+
+def load(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def pinned_ray_version() -> str:
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    (pin,) = re.findall(r"ray\[[^\]]*\]==([\w.]+)", setup["options.extras_require"]["tune"])
+    return pin
+
+
+def search_bundles() -> dict:
+    """What one node must hold for each shipped search: a whole trial, or one
+    distributed worker of it (tune.runner.check_cluster's rule)."""
+    from tune import load_search
+
+    bundles = {}
+    for path in sorted((ROOT / "configs" / "tune").glob("*.yaml")):
+        r = load_search(path).file.resources
+        bundles[path.name] = (r.cpu / r.num_workers, r.gpu / r.num_workers)
+    return bundles
+
+
+def fits(bundle, cpu, gpu) -> bool:
+    return cpu >= bundle[0] and gpu >= bundle[1]
+
+
+# ------------------------------------------------------------------ launcher configs
+
+def prepared(name: str) -> dict:
+    """The config as `ray up` validates it: defaults filled in, then Ray's schema."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(load(CLUSTER / f"{name}.yaml"))
+    validate_config(config)
+    return config
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launcher_config_validates_like_ray_up(name):
+    config = prepared(name)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0 and head["max_workers"] == 0
+    gpu_types = {k: t for k, t in types.items() if t["resources"].get("GPU", 0) > 0}
+    assert len(gpu_types) >= 2  # single-GPU trials and multi-GPU trials
+    for node_type in gpu_types.values():
+        assert node_type["min_workers"] == 0 < node_type["max_workers"]  # the autoscaler adds them
+    assert config["max_workers"] >= max(t["max_workers"] for t in gpu_types.values())
+    # Every shipped search fits at least one GPU worker type.
+    for search, bundle in search_bundles().items():
+        assert any(fits(bundle, t["resources"]["CPU"], t["resources"]["GPU"])
+                   for t in gpu_types.values()), (name, search)
+
+
+def test_ray_up_validation_rejects_a_broken_config():
+    from jsonschema import ValidationError
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = load(CLUSTER / "aws.yaml")
+    config["available_node_types"]["gpu_1x"]["resource"] = config["available_node_types"][
+        "gpu_1x"].pop("resources")
+    with pytest.raises(ValidationError, match="resource"):
+        validate_config(prepare_config(config))
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launcher_nodes_install_daae_from_the_synced_checkout(name):
+    config = prepared(name)
+    # What `pip install -e .` reads: the packages setup.cfg lists, its
+    # metadata files and the long description; and the search configs.
+    setup_cfg = configparser.ConfigParser()
+    setup_cfg.read(ROOT / "setup.cfg")
+    needed = {"setup.cfg", "pyproject.toml", "configs",
+              setup_cfg["metadata"]["long_description"].removeprefix("file:").strip(),
+              *setup_cfg["options.packages.find"]["include"].split()}
+    needed = {n for n in needed if "*" not in n}
+    mounts = {local.removeprefix("./"): remote for remote, local in config["file_mounts"].items()}
+    assert needed <= set(mounts), needed - set(mounts)
+    roots = {remote.removesuffix(f"/{local}") for local, remote in mounts.items()}
+    assert len(roots) == 1  # one checkout on the node
+    (remote,) = roots
+    for local in mounts:
+        assert (ROOT / local).exists(), local
+    setup = config["setup_commands"]
+    assert any(re.search(rf"cd {re.escape(remote)} && .*pip install .*-e '\.\[tune\]'", c)
+               for c in setup), setup
+    commands = [*config["initialization_commands"], *setup, *config["head_setup_commands"],
+                *config["worker_setup_commands"], *config["head_start_ray_commands"],
+                *config["worker_start_ray_commands"]]
+    commands += [c for t in config["available_node_types"].values()
+                 for c in t.get("initialization_commands", [])]
+    for command in commands:
+        done = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
+        assert done.returncode == 0, (command, done.stderr)
+
+
+def test_gcp_node_types_state_what_their_machines_have():
+    # GCP reports nothing to Ray: the declared resources are all it knows.
+    config = prepared("gcp")
+    for name, node_type in config["available_node_types"].items():
+        node = node_type["node_config"]
+        gpus = sum(a["acceleratorCount"] for a in node.get("guestAccelerators", []))
+        assert node_type["resources"].get("GPU", 0) == gpus, name
+        if name != config["head_node_type"]:
+            assert node_type["resources"]["CPU"] == int(node["machineType"].rsplit("-", 1)[1]), name
+        if gpus:
+            assert {"onHostMaintenance": "TERMINATE"} in node["scheduling"], name
+            items = {i["key"]: i["value"] for i in node["metadata"]["items"]}
+            assert items["install-nvidia-driver"] == "True", name
+            assert "cloud-platform" in node["serviceAccounts"][0]["scopes"][0], name
+
+
+def test_aws_node_types_state_what_their_instances_have():
+    # Per AWS's instance type table; Ray would detect these, the test keeps
+    # the declared numbers honest when an instance type changes.
+    instances = {"g5.2xlarge": (8, 1), "g5.12xlarge": (48, 4)}
+    config = prepared("aws")
+    for name, node_type in config["available_node_types"].items():
+        if name == config["head_node_type"]:
+            continue
+        cpu, gpu = instances[node_type["node_config"]["InstanceType"]]
+        assert node_type["resources"] == {"CPU": cpu, "GPU": gpu}, name
+        assert "IamInstanceProfile" in node_type["node_config"], name  # workers write to S3
+
+
+# ------------------------------------------------------------------------- KubeRay
+
+def pods(cluster_spec: dict) -> list[dict]:
+    groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
+    return [group["template"]["spec"] for group in groups]
+
+
+def test_kuberay_manifests_hold_a_gpu_cluster_on_shared_storage():
+    storage = load(CLUSTER / "kuberay" / "storage.yaml")
+    cluster = load(CLUSTER / "kuberay" / "raycluster.yaml")
+    job = load(CLUSTER / "kuberay" / "rayjob.yaml")
+    assert (storage["kind"], cluster["kind"], job["kind"]) == (
+        "PersistentVolumeClaim", "RayCluster", "RayJob")
+    assert cluster["apiVersion"] == job["apiVersion"] == "ray.io/v1"
+    assert storage["spec"]["accessModes"] == ["ReadWriteMany"]  # every node writes trials
+    spec = cluster["spec"]
+    # The RayJob starts the very same cluster.
+    assert job["spec"]["rayClusterSpec"] == spec
+    # Ray refuses nodes of another version: image, manifest, setup.cfg and
+    # this environment agree.
+    import ray
+
+    version = pinned_ray_version()
+    assert spec["rayVersion"] == version == ray.__version__
+    (base,) = re.findall(r"^FROM (\S+)", (CLUSTER / "Dockerfile").read_text(), re.M)
+    assert base.startswith(f"rayproject/ray:{version}-")
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    images, mounts = set(), set()
+    for pod in pods(spec):
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+                  for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        for container in pod["containers"]:
+            images.add(container["image"])
+            mounts |= {(claims[m["name"]], m["mountPath"]) for m in container["volumeMounts"]
+                       if m["name"] in claims}
+    assert len(images) == 1
+    assert mounts == {(storage["metadata"]["name"], "/mnt/shared")}
+    gpu_groups = {}
+    for group in spec["workerGroupSpecs"]:
+        assert 0 == group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        (container,) = group["template"]["spec"]["containers"]
+        limits = container["resources"]["limits"]
+        assert limits == container["resources"]["requests"]
+        gpu_groups[group["groupName"]] = (float(limits["cpu"]), limits.get("nvidia.com/gpu", 0))
+    assert sum(gpu > 0 for _, gpu in gpu_groups.values()) >= 2
+    for search, bundle in search_bundles().items():
+        assert any(fits(bundle, cpu, gpu) for cpu, gpu in gpu_groups.values()), search
+
+
+def test_rayjob_entrypoint_is_a_valid_search_on_the_shared_volume(tmp_path):
+    from tune import load_search
+    from tune.cli import build_parser
+
+    entrypoint = shlex.split(load(CLUSTER / "kuberay" / "rayjob.yaml")["spec"]["entrypoint"])
+    assert entrypoint[:2] == ["daae", "tune"]
+    args = build_parser().parse_args(entrypoint[2:])
+    # The Dockerfile copies this checkout to IMAGE_WORKDIR.
+    assert re.search(rf"^WORKDIR {IMAGE_WORKDIR}$", (CLUSTER / "Dockerfile").read_text(), re.M)
+    config = Path(args.config)
+    assert config.is_relative_to(IMAGE_WORKDIR)
+    spec = load_search(ROOT / config.relative_to(IMAGE_WORKDIR), args.overrides)
+    assert spec.file.storage_path.startswith("/mnt/shared/")
+    assert args.no_resource_check  # the GPU groups start at zero replicas
+
+
+# ---------------------------------------------------------------------- Accelerate
+
+def torchrun_config(config_file: Path, *options: str):
+    """What `accelerate launch --config_file ... -m daae train` hands to
+    torchrun, computed by Accelerate's own launcher code (no GPU needed)."""
+    import torch.distributed.run as torchrun
+    from accelerate.commands.launch import (_filter_args, _validate_launch_command,
+                                            launch_command_parser)
+    from accelerate.utils import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(
+        ["--config_file", str(config_file), *options, "-m", "daae", "train", "--config",
+         "configs/mnist.yaml"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.multi_gpu
+    env = prepare_multi_gpu_env(args)
+    args = _filter_args(args, torchrun.get_args_parser(),
+                        ["--training_script", args.training_script,
+                         "--training_script_args", args.training_script_args])
+    return torchrun.config_from_args(args), env
+
+
+@pytest.mark.parametrize("name", ACCELERATE_CONFIGS)
+def test_accelerate_config_loads_with_accelerates_own_class(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    config = ClusterConfig.from_yaml_file(str(CLUSTER / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type == DistributedType.MULTI_GPU and not config.use_cpu
+    assert config.num_processes % config.num_machines == 0
+    assert config.num_processes // config.num_machines >= 2  # several GPUs per machine
+    assert config.mixed_precision == "no"  # daae's train.mixed_precision decides
+    assert (config.num_machines > 1) == (name == "multi_node")
+
+
+def test_accelerate_one_node_config_launches_one_process_per_gpu(monkeypatch):
+    # torchrun's argument handling sets OMP_NUM_THREADS in this process.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (launch, command, command_args), env = torchrun_config(
+        CLUSTER / "accelerate" / "one_node.yaml")
+    assert (launch.min_nodes, launch.max_nodes, launch.nproc_per_node) == (1, 1, 4)
+    assert command_args[:3] == ["-u", "-m", "daae"] and command_args[3] == "train"
+    assert env["ACCELERATE_MIXED_PRECISION"] == "no"
+    # A command-line --num_processes wins over the file, as the file tells users.
+    (launch, _, _), _ = torchrun_config(CLUSTER / "accelerate" / "one_node.yaml",
+                                        "--num_processes", "8")
+    assert launch.nproc_per_node == 8
+
+
+def test_accelerate_multi_node_config_takes_rank_and_address_per_machine(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (launch, _, command_args), _ = torchrun_config(
+        CLUSTER / "accelerate" / "multi_node.yaml",
+        "--machine_rank", "1", "--main_process_ip", "10.1.2.3")
+    assert (launch.min_nodes, launch.max_nodes, launch.nproc_per_node) == (2, 2, 4)
+    assert launch.rdzv_endpoint == "10.1.2.3:29500" and launch.rdzv_configs["rank"] == 1
+    assert command_args[1:4] == ["-m", "daae", "train"]
+    # What cluster/slurm/accelerate.sbatch passes for 3 nodes of 8 GPUs.
+    (launch, _, _), _ = torchrun_config(
+        CLUSTER / "accelerate" / "multi_node.yaml", "--num_machines", "3",
+        "--num_processes", "24", "--machine_rank", "2", "--main_process_ip", "10.1.2.3",
+        "--main_process_port", "29600")
+    assert (launch.max_nodes, launch.nproc_per_node, launch.rdzv_endpoint) == (
+        3, 8, "10.1.2.3:29600")
+
+
+# --------------------------------------------------------------------------- SLURM
+
+@pytest.mark.parametrize("name", SLURM_SCRIPTS)
+def test_slurm_script_parses_and_requests_one_task_per_node(name):
+    path = CLUSTER / "slurm" / name
+    done = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert os.access(path, os.X_OK)
+    text = path.read_text()
+    options = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.M))
+    assert options["ntasks-per-node"] == "1" and int(options["nodes"]) >= 2
+    assert "gpus-per-task" in options or "gpus-per-node" in options
+    # Only lines that precede the first command count as #SBATCH options.
+    first_command = re.search(r"^[^#\n]", text, re.M).start()
+    assert text.rfind("#SBATCH") < first_command
+
+
+def test_slurm_search_script_starts_head_then_workers_then_the_search():
+    text = (CLUSTER / "slurm" / "tune.sbatch").read_text()
+    head = text.index("ray start --head --block")
+    workers = text.index("ray start --block --address=")
+    search = text.index('daae tune "${what[@]}" --address "$address"')
+    assert head < workers < search
+    assert "trap stop_ray EXIT" in text
+
+
+# ---------------------------------------------------------------------------- docs
+
+def test_docs_name_only_files_that_exist():
+    text = (ROOT / "README.md").read_text()
+    paths = r"\b((?:cluster|configs)/[\w./-]+\.(?:ya?ml|sbatch|md)|cluster/Dockerfile)\b"
+    named = set(re.findall(paths, text))
+    assert {"cluster/aws.yaml", "cluster/gcp.yaml", "cluster/kuberay/raycluster.yaml",
+            "cluster/slurm/tune.sbatch", "cluster/accelerate/multi_node.yaml"} <= named
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing
+
+
+# ------------------------------------------------------ real Ray clusters on this machine
+
+# The smoke search, shorter: two trials of one CPU each. With one CPU per node,
+# each node runs one of them at a time, so both nodes get a trial.
+QUICK = ["num_samples=2", "scheduler.kind=none", "overrides.train.max_steps=40",
+         "overrides.eval.probe_train_size=500", "overrides.eval.probe_epochs=1"]
+# Each node on its own loopback address: the node_ip that Ray records in
+# every trial result then tells the nodes apart.
+WORKER_IP = "127.0.0.2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_home() -> Path:
+    """A short folder for RAY_TMPDIR (Ray's Unix socket paths live under it)
+    and HOME (so Ray's session files and auth token stay out of the real one)."""
+    root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
+    (root / "home").mkdir()
+    return root
+
+
+def head_address() -> str:
+    """The address Ray gives a head node on this machine, as `ray start` would."""
+    from ray._private.services import get_node_ip_address
+
+    return get_node_ip_address()
+
+
+def trial_dirs(experiment: Path) -> list[Path]:
+    return sorted(p for p in experiment.iterdir() if (p / "params.json").is_file())
+
+
+def results(trial: Path) -> list[dict]:
+    path = trial / "result.json"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line, half written while the search runs
+            break
+    return rows
+
+
+def finished_search(experiment: Path, trials: int) -> dict[str, list[dict]]:
+    """Every trial finished; returns each trial's reports."""
+    with open(experiment / "trials.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == trials and {r["status"] for r in rows} == {"finished"}, rows
+    reports = {t.name: results(t) for t in trial_dirs(experiment)}
+    for name, rs in reports.items():
+        assert rs[-1]["final"], name
+        # The trainer's TensorBoard files landed in the shared storage too.
+        assert list((experiment / name).glob("events.out.tfevents.*")), name
+    return reports
+
+
+def where(reports: dict, head_ip: str) -> str:
+    """Which node reported what, for the log (the closing note of a run)."""
+    nodes = {head_ip: "head", WORKER_IP: "worker"}
+    return "; ".join(f"{name}: " + ", ".join(
+        f"step {r['step']} on {nodes.get(r['node_ip'], r['node_ip'])}" for r in rs)
+        for name, rs in reports.items())
+
+
+def run(command: list, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+    log.info("%s: rc %d in %.1fs", shlex.join(map(str, command)), done.returncode,
+             time.monotonic() - started)
+    assert done.returncode == 0, f"{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+# SLURM stand-ins: every node of the "allocation" is this machine, and each
+# `ray start` gets what a node of its own would have (FAKE_RAY_ARGS_<node>:
+# its own address, ports nobody else uses). srun records the pid it becomes,
+# so that the test can tell whether the script stopped its Ray nodes.
+FAKE_SRUN = """#!/bin/bash
+node=
+while [[ ${1:-} == -* ]]; do
+    case $1 in
+        -w|--nodelist) node=$2; shift 2 ;;
+        --nodelist=*) node=${1#*=}; shift ;;
+        -N|-n|--nodes|--ntasks) shift 2 ;;
+        *) shift ;;
+    esac
+done
+echo $$ >> "$FAKE_SLURM_PIDS"
+if [[ ${1:-} == ray && ${2:-} == start ]]; then
+    var=FAKE_RAY_ARGS_$node
+    read -r -a more <<< "${!var:-}"
+    exec "$@" "${more[@]}"
+fi
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+[[ $1 == show && $2 == hostnames ]] || exit 1
+printf '%s\\n' $FAKE_SLURM_NODES
+"""
+
+
+def alive_ray_processes(pids: list[int], root: Path) -> list[int]:
+    """Those of ``pids`` still running as Ray processes of this test (their
+    environment names its RAY_TMPDIR): a finished pid may have been reused."""
+    alive = []
+    for pid in pids:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if f"RAY_TMPDIR={root}".encode() in environ.split(b"\0"):
+            alive.append(pid)
+    return alive
+
+
+@pytest.mark.slow
+def test_slurm_script_runs_the_search_on_a_head_and_a_worker_node(tmp_path):
+    """cluster/slurm/tune.sbatch as SLURM runs it on a two-node allocation,
+    with srun and scontrol standing in: `ray start --head`, `ray start
+    --address` on the other node, then `daae tune --address` over both."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    root = ray_home()
+    head_ip, port = head_address(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(
+        RAY_TMPDIR=str(root), HOME=str(root / "home"), PATH=f"{fake}{os.pathsep}{env['PATH']}",
+        SLURM_JOB_NODELIST="node[0-1]", SLURM_SUBMIT_DIR=str(ROOT), SLURM_CPUS_PER_TASK="1",
+        FAKE_SLURM_NODES="node0 node1", FAKE_SLURM_PIDS=str(root / "pids"),
+        DAAE_VENV=str(BIN.parent), RAY_PORT=str(port), RAY_HEAD_IP=head_ip,
+        RAY_NODE_TIMEOUT="120",
+        FAKE_RAY_ARGS_node0=f"--ray-client-server-port={free_port()} "
+                            f"--dashboard-agent-listen-port={free_port()}",
+        FAKE_RAY_ARGS_node1=f"--node-ip-address={WORKER_IP} "
+                            f"--dashboard-agent-listen-port={free_port()}")
+    pids = []
+    try:
+        done = run(["bash", CLUSTER / "slurm" / "tune.sbatch", "configs/tune/smoke.yaml",
+                    f"storage_path={tmp_path}", *QUICK], timeout=300, env=env, cwd=tmp_path)
+        pids = [int(p) for p in (root / "pids").read_text().split()]
+        assert len(pids) == 2  # one srun step per node
+        assert f"Ray cluster at {head_ip}:{port}: 2 nodes" in done.stdout
+        reports = finished_search(tmp_path / "smoke", trials=2)
+        log.info("SLURM script (daae tune --address): %s", where(reports, head_ip))
+        assert {r["node_ip"] for rs in reports.values() for r in rs} == {head_ip, WORKER_IP}
+        # The script stopped both Ray nodes when it ended.
+        deadline = time.monotonic() + 30
+        while alive_ray_processes(pids, root) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not alive_ray_processes(pids, root)
+    finally:
+        if (root / "pids").is_file():
+            pids = [int(p) for p in (root / "pids").read_text().split()]
+        for pid in alive_ray_processes(pids, root):
+            # `ray start --block` leads its own process group: its node's processes.
+            os.killpg(pid, signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# Node deaths must show within seconds rather than Ray's default ~30 s.
+FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                          "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head and a worker node, each its own raylet with one CPU, sharing this
+    machine's file system (a cluster's shared storage), the worker on its own
+    address and with its own Ray temp folder. ray.cluster_utils.Cluster owns
+    every process it starts, so teardown touches no other Ray on this machine."""
+    from ray.cluster_utils import Cluster
+
+    root = ray_home()
+    # `ray job submit` talks to the dashboard, which comes with ray[default].
+    dashboard = importlib.util.find_spec("aiohttp") is not None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", str(root))
+        patch.setenv("HOME", str(root / "home"))
+        patch.delenv("RAY_ADDRESS", raising=False)
+        # Jobs' entrypoints run with the nodes' environment: `daae` on PATH.
+        patch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+        head_args = {"num_cpus": 1, "include_dashboard": dashboard,
+                     "dashboard_agent_listen_port": free_port(),
+                     "_system_config": FAST_FAILURE_DETECTION}
+        if dashboard:
+            head_args.update(dashboard_host="127.0.0.1", dashboard_port=free_port())
+        cluster = Cluster(initialize_head=True, head_node_args=head_args)
+        try:
+            state = SimpleNamespace(cluster=cluster, head_ip=cluster.head_node.node_ip_address,
+                                    address=cluster.address,
+                                    dashboard=dashboard and f"http://{cluster.webui_url}")
+            assert state.head_ip != WORKER_IP
+            # Its own temp folder, as another machine has its own disk: on a
+            # shared one, the worker node's runtime-env cleanup would delete
+            # the job's working directory from under the driver on the head.
+            state.add_worker = lambda: cluster.add_node(
+                num_cpus=1, node_ip_address=WORKER_IP, temp_dir=str(root / "w"))
+            state.worker = state.add_worker()
+            cluster.wait_for_nodes()
+            yield state
+        finally:
+            cluster.shutdown()
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_search_through_ray_job_submit_runs_on_both_nodes(ray_cluster, tmp_path):
+    assert ray_cluster.dashboard, "ray job submit needs Ray's dashboard: install ray[default]"
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    # As README.md (Clusters) submits: the checkout as the job's working directory
+    # (shipped to every node), the search path relative to it, and storage
+    # given as a URI like a bucket's (s3://, gs://): trials then write on
+    # their node and Tune uploads their files, through pyarrow as for a bucket.
+    job_id = f"daae-smoke-{tmp_path.name}"
+    run([BIN / "ray", "job", "submit", "--address", ray_cluster.dashboard,
+         "--submission-id", job_id, "--working-dir", ROOT, "--",
+         "daae", "tune", "--config", "configs/tune/smoke.yaml", "--address", "auto",
+         f"storage_path=file://{tmp_path}", *QUICK], timeout=300)
+    assert JobSubmissionClient(ray_cluster.dashboard).get_job_status(job_id) == JobStatus.SUCCEEDED
+    reports = finished_search(tmp_path / "smoke", trials=2)
+    log.info("ray job submit: %s", where(reports, ray_cluster.head_ip))
+    assert {r["node_ip"] for rs in reports.values() for r in rs} == {
+        ray_cluster.head_ip, WORKER_IP}
+
+
+@pytest.mark.slow
+def test_killed_worker_node_trial_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+    """The worker node dies (every Ray process on it SIGKILLed) once its trial
+    has reported a checkpoint; Tune retries that trial on the head, from that
+    checkpoint, and the search still finishes."""
+    steps = 120  # room to kill the worker's trial well before its end
+    command = [BIN / "daae", "tune", "--config", SMOKE, "--address", ray_cluster.address,
+               f"storage_path={tmp_path}", *QUICK, f"overrides.train.max_steps={steps}",
+               "max_failures=3"]
+    search = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    experiment = tmp_path / "smoke"
+    started = time.monotonic()
+    try:
+        victim = None
+        while victim is None:
+            assert search.poll() is None, search.stdout.read()[-5000:]
+            assert time.monotonic() - started < 240, "no trial checkpointed on the worker node"
+            for trial in trial_dirs(experiment) if experiment.is_dir() else []:
+                reported = [r for r in results(trial) if r["node_ip"] == WORKER_IP]
+                if reported:
+                    # Each report at a checkpoint step carries its checkpoint.
+                    assert not reported[-1]["final"], "the worker's trial finished before the kill"
+                    victim, killed_at = trial.name, reported[-1]["step"]
+            time.sleep(0.2)
+        ray_cluster.cluster.remove_node(ray_cluster.worker, allow_graceful=False)
+        log.info("killed the worker node while %s was at step %d", victim, killed_at)
+        output, _ = search.communicate(timeout=300)
+    finally:
+        if search.poll() is None:
+            search.kill()
+            search.wait()
+        if ray_cluster.worker not in ray_cluster.cluster.worker_nodes:
+            ray_cluster.worker = ray_cluster.add_worker()
+    assert search.returncode == 0, output[-5000:]
+    log.info("%s: rc 0 in %.1fs", shlex.join(map(str, command)), time.monotonic() - started)
+    reports = finished_search(experiment, trials=2)
+    log.info("node kill: %s", where(reports, ray_cluster.head_ip))
+    rows = reports[victim]
+    on_worker = [r for r in rows if r["node_ip"] == WORKER_IP]
+    on_head = [r for r in rows if r["node_ip"] == ray_cluster.head_ip]
+    assert rows == on_worker + on_head and on_worker and on_head
+    # The retry restored the last checkpoint the dead node reported and went
+    # on from there: it never reported a step it had already done.
+    resumed = on_head[0]["resumed_from_step"]
+    assert resumed >= killed_at and resumed == on_worker[-1]["step"]
+    assert all(r["step"] > resumed for r in on_head)
+    assert on_head[-1]["final"] and on_head[-1]["step"] == steps
+    assert all(r["resumed_from_step"] == 0 for r in on_worker)
