@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint
-from .data import ImageSet, SemiSupervisedData, to_float
+from .data import ImageSet, SemiSupervisedData, cache_root, to_float
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +47,7 @@ class Checker(nn.Module):
 
 
 def cache_dir() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "daae" / "classifiers"
+    return cache_root() / "classifiers"
 
 
 def data_fingerprint(images: ImageSet, epochs: int) -> str:

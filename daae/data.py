@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write
 from .config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -90,31 +90,30 @@ def md5sum(path: Path) -> str:
     return digest.hexdigest()
 
 
+def cache_root() -> Path:
+    """daae's per-user cache folder (honours XDG_CACHE_HOME)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "daae"
+
+
 def resolve_root(config: DataConfig) -> Path:
     if config.root:
         return Path(config.root).expanduser()
     if os.environ.get("DAAE_DATA_DIR"):
         return Path(os.environ["DAAE_DATA_DIR"]).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "daae" / config.name
+    return cache_root() / config.name
 
 
 def _download(name: str, root: Path, mirrors: tuple[str, ...]) -> None:
-    root.mkdir(parents=True, exist_ok=True)
     errors = []
     for mirror in mirrors:
         url = mirror + name
         log.info("downloading %s", url)
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, \
-                    tempfile.NamedTemporaryFile(dir=root, delete=False) as tmp:
-                shutil.copyfileobj(response, tmp)
-            os.replace(tmp.name, root / name)
+            with urllib.request.urlopen(url, timeout=60) as response:
+                atomic_write(root / name, lambda handle: shutil.copyfileobj(response, handle))
             return
         except (urllib.error.URLError, OSError) as exc:
             errors.append(f"{url}: {exc}")
-            if "tmp" in locals() and os.path.exists(tmp.name):
-                os.unlink(tmp.name)
     raise DataError(
         f"could not download {name} ({'; '.join(errors)}). If this machine is offline, "
         f"put the files in a folder and point data.root (or the DAAE_DATA_DIR environment "

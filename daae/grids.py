@@ -39,16 +39,11 @@ def decode_classes(decoder, z: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def training_grids(nets, images: torch.Tensor, num_classes: int, z_dim: int,
-                   generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Reconstructions (originals above their reconstructions) and the classes
-    decoded with a few random styles, for TensorBoard."""
+def reconstruction_grid(nets, images: torch.Tensor) -> torch.Tensor:
+    """Originals above their reconstructions, in eval mode."""
     was_training = nets.training
     nets.eval()
     logits_y, z = nets.encoder(images)
     reconstructions = nets.decoder(logits_y.softmax(1), z).float()
-    styles = torch.randn(4, z_dim, generator=generator, device=generator.device).to(images.device)
-    classes = decode_classes(nets.decoder, styles, num_classes)
     nets.train(was_training)
-    return {"images/reconstructions": make_grid(torch.cat([images.float(), reconstructions]), rows=2),
-            "images/classes_by_style": make_grid(classes, rows=len(styles))}
+    return make_grid(torch.cat([images.float(), reconstructions]), rows=2)

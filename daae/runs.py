@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from . import checkpoint
 from .atomic import atomic_write
 from .config import Config, ConfigError, load_config

@@ -16,7 +16,7 @@ from . import checkpoint, phases
 from .config import Config, ConfigError, save_config, to_dict
 from .data import DeviceBatches, load_data, to_float
 from .evaluate import evaluate, tensorboard_tags
-from .grids import save_png, training_grids
+from .grids import reconstruction_grid, save_png
 from .sample import tensorboard_generation
 from .runs import CONFIG_FILE, METRICS_FILE, build_networks, new_run_dir, write_json
 
@@ -290,7 +290,6 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
         save_config(config, run_dir / CONFIG_FILE)
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir))
-    grid_generator = torch.Generator().manual_seed(config.seed)
     grid_images = to_float(data.validation.images[:8]).to(device)
     tracker = LossTracker(device)
     images_per_step = 2 * config.train.batch_size * accelerator.num_processes
@@ -314,10 +313,10 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
                                device, probe_train, config.seed)
             for tag, value in tensorboard_tags("val", metrics).items():
                 writer.add_scalar(tag, value, step)
-            for tag, grid in training_grids(nets, grid_images, data.num_classes,
-                                            config.model.z_dim, grid_generator).items():
-                writer.add_image(tag, grid, step)
-                save_png(grid, run_dir / "images" / f"{tag.split('/')[-1]}_{step:07d}.png")
+            grid = reconstruction_grid(nets, grid_images)
+            writer.add_image("images/reconstructions", grid, step)
+            save_png(grid, run_dir / "images" / f"reconstructions_{step:07d}.png")
+            # The ten classes decoded with a few styles: the "random" grid.
             tensorboard_generation(writer, nets, data, step, seed=config.seed,
                                    images_dir=run_dir / "images")
             # A Tune scheduler may kill this process right after the hook.

@@ -106,3 +106,29 @@ def test_device_batches_cover_an_epoch_once_and_shard_ranks():
         for step in range(batches.steps_per_epoch):
             seen += (batches.unlabelled_batch(0, step) * 255).round().long().flatten().tolist()
     assert len(seen) == len(set(seen)) == 2 * 10 * (180 // 20)
+
+
+def test_download_writes_the_verified_file_and_leaves_nothing_on_failure(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from daae.data import fetch_verified
+
+    served = tmp_path / "served"
+    served.mkdir()
+    write_idx(served / "a.gz", torch.zeros(3, 2, dtype=torch.uint8))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    mirror = (f"http://127.0.0.1:{server.server_port}/",)
+    cache = tmp_path / "cache"
+    try:
+        path = fetch_verified("a.gz", md5sum(served / "a.gz"), cache, True, mirror)
+        assert path.read_bytes() == (served / "a.gz").read_bytes()
+        with pytest.raises(DataError, match="could not download b.gz.*data.root"):
+            fetch_verified("b.gz", "0" * 32, cache, True, mirror)
+        assert sorted(p.name for p in cache.iterdir()) == ["a.gz"]
+    finally:
+        server.shutdown()
