@@ -103,12 +103,12 @@ def main(argv=None) -> int:
                      "| daae fused %8.0f (x%.2f)", model, precision,
                      row["reference_impl_images_per_s"], row["daae_reference_images_per_s"],
                      row["speedup_reference"], row["daae_fused_images_per_s"], row["speedup_fused"])
-    result = {"benchmark": "bench_step", "machine": machine(device), "steps": args.steps,
-              "overrides": args.set,
-              "repeats": args.repeats, "batch_size": 100,
-              "note": "images/s counts the unlabelled and the labelled batch (2 x 100 per step)",
-              "rows": rows, "peak_memory": peak_memory(device)}
-    path = write_result(args.name or f"bench_step-{device.type}", result)
+            # Written after every row: a long run stopped early keeps what it measured.
+            result = {"benchmark": "bench_step", "machine": machine(device), "steps": args.steps,
+                      "overrides": args.set, "repeats": args.repeats, "batch_size": 100,
+                      "note": "images/s counts the unlabelled and the labelled batch (2 x 100 per step)",
+                      "rows": rows, "peak_memory": peak_memory(device)}
+            path = write_result(args.name or f"bench_step-{device.type}", result)
     log.info("wrote %s", path)
     return 0
 

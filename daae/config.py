@@ -63,7 +63,8 @@ class TrainConfig:
     adam_beta2: float = 0.999
     mixed_precision: str = "no"  # no | bf16 | fp16
     # reference: six phases, each its own forward and optimizer step, in
-    # DESIGN.md order; fused: one encoder forward feeds every encoder loss.
+    # DESIGN.md order; fused: one encoder forward and one pass through each
+    # critic feed every loss, then one critic step and one encoder/decoder step.
     step_mode: str = "reference"  # reference | fused
     # Each reference phase has its own Adam, which is invariant to the scale of
     # its loss; scaling the phase's learning rate by its weight (as the

@@ -41,9 +41,13 @@ class StepContext:
     def prior_z(self, count: int, device) -> torch.Tensor:
         return torch.randn(count, self.z_dim, generator=self.generator, device=device)
 
-    def prior_y(self, count: int, device) -> torch.Tensor:
+    def prior_y(self, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` draws from the uniform categorical prior, as its K distinct
+        one-hot vectors and how often each was drawn: a critic then scores K
+        rows instead of ``count``, and the count-weighted loss is the same."""
         labels = torch.randint(self.num_classes, (count,), generator=self.generator, device=device)
-        return F.one_hot(labels, self.num_classes).float()
+        counts = torch.bincount(labels, minlength=self.num_classes).float()
+        return torch.eye(self.num_classes, device=device), counts
 
     def step(self, optimizer, loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -65,13 +69,21 @@ def frozen(*modules: nn.Module):
             p.requires_grad_(flag)
 
 
-def _real_fake_bce(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+def _real_fake_logits(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     # One forward over [real; fake]: DDP allows one forward per backward, and
     # the critics have no batch norm, so concatenating changes nothing else.
-    logits = critic(torch.cat([real, fake])).float().squeeze(1)
-    targets = torch.cat([torch.ones(len(real), device=logits.device),
-                         torch.zeros(len(fake), device=logits.device)])
-    return F.binary_cross_entropy_with_logits(logits, targets)
+    return critic(torch.cat([real, fake])).float().squeeze(1)
+
+
+def _real_fake_bce(logits: torch.Tensor, real_weights: torch.Tensor) -> torch.Tensor:
+    """The critic's loss on the logits of [real; fake]: the mean over every draw,
+    where real row i stands for ``real_weights[i]`` draws."""
+    n_real, n_fake = len(real_weights), len(logits) - len(real_weights)
+    targets = torch.cat([torch.ones(n_real, device=logits.device),
+                         torch.zeros(n_fake, device=logits.device)])
+    weights = torch.cat([real_weights, torch.ones(n_fake, device=logits.device)])
+    total = F.binary_cross_entropy_with_logits(logits, targets, weight=weights, reduction="sum")
+    return total / (real_weights.sum() + n_fake)
 
 
 def _fooled_bce(critic_logits: torch.Tensor) -> torch.Tensor:
@@ -115,9 +127,11 @@ def discriminator_phase(ctx: StepContext, optimizer, x: torch.Tensor):
     with torch.no_grad(), ctx.accelerator.autocast():
         logits_y, z = ctx.plain.encoder(ctx.noisy(x))
     with ctx.accelerator.autocast():
-        loss_z = _real_fake_bce(ctx.wrapped["d_z"], ctx.prior_z(len(x), x.device), z.float())
-        loss_y = _real_fake_bce(ctx.wrapped["d_y"], ctx.prior_y(len(x), x.device),
-                                logits_y.float().softmax(1))
+        real_z, (real_y, counts_y) = ctx.prior_z(len(x), x.device), ctx.prior_y(len(x), x.device)
+        loss_z = _real_fake_bce(_real_fake_logits(ctx.wrapped["d_z"], real_z, z.float()),
+                                torch.ones(len(x), device=x.device))
+        loss_y = _real_fake_bce(_real_fake_logits(ctx.wrapped["d_y"], real_y,
+                                                  logits_y.float().softmax(1)), counts_y)
     ctx.step(optimizer, loss_z + loss_y)
     return {"discriminator_z": loss_z.detach(), "discriminator_y": loss_y.detach()}
 
@@ -170,14 +184,41 @@ def decorrelation_phase(ctx: StepContext, optimizer, x: torch.Tensor, weight: fl
 
 # ------------------------------------------------------------------- fused step
 
+def _fooling_gradient(critic_input_grad: torch.Tensor, fake_logits: torch.Tensor,
+                      critic_batch: int) -> torch.Tensor:
+    """d _fooled_bce(critic(code)) / d code, from the critic's own backward.
+
+    A critic scores each sample on its own (no batch norm), so at the fakes the
+    critic loss and the fooling loss differ only in the scalar gradient at each
+    logit: sigmoid(l) / critic_batch versus (sigmoid(l) - 1) / n. Scaling the
+    critic's input gradient per sample by their ratio, -(critic_batch / n) exp(-l),
+    gives the encoder its gradient without a second pass through the critic.
+    The exponent is capped where sigmoid(l) nears fp32's floor; a critic that
+    certain (l < -60) is far outside a working adversarial game.
+    """
+    n = len(fake_logits)
+    ratio = -(critic_batch / n) * torch.exp((-fake_logits).clamp(max=60.0))
+    return critic_input_grad * ratio.view(-1, *([1] * (critic_input_grad.dim() - 1)))
+
+
+def _loss_scale(ctx: StepContext) -> float:
+    """fp16's loss scale, read before the step that may change it (one host sync);
+    1 without fp16."""
+    scaler = getattr(ctx.accelerator, "scaler", None)
+    return 1.0 if scaler is None else scaler.get_scale()
+
+
 def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
                x_u: torch.Tensor, x_l: torch.Tensor, y_l: torch.Tensor, weights,
                decorrelate: bool, objective: str, target_kind: str):
-    """All six losses from one encoder forward over [x_u; x_l].
+    """All eight losses from one encoder forward over [x_u; x_l] and one pass
+    through each critic.
 
-    The critics (D_z, D_y, C) first take their step on the detached codes;
-    then the encoder and decoder take one step on the weighted sum of their
-    losses, judged by the freshly updated critics.
+    The critics see leaf copies of the codes, so their single backward yields
+    both their own gradients and, at the leaves, the gradient the encoder needs
+    to fool them; the encoder and decoder then take one step on their losses
+    plus those code gradients. Critic and encoder are judged by the same
+    (pre-update) critics: simultaneous rather than alternating updates.
     """
     n = len(x_u)
     with ctx.accelerator.autocast():
@@ -186,27 +227,43 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     q = logits_y.softmax(1)
     targets = correlation_targets(logits_y, target_kind)
 
+    z_at_dz, q_at_dy, z_at_c = (code.detach().requires_grad_() for code in (z, q, z))
+    real_z, (real_y, counts_y) = ctx.prior_z(n, z.device), ctx.prior_y(n, z.device)
     with ctx.accelerator.autocast():
-        loss_dz = _real_fake_bce(ctx.wrapped["d_z"], ctx.prior_z(n, x_u.device), z.detach())
-        loss_dy = _real_fake_bce(ctx.wrapped["d_y"], ctx.prior_y(n, x_u.device), q.detach())
-        loss_c = F.cross_entropy(ctx.wrapped["correlation"](z.detach()).float(), targets)
+        dz_logits = _real_fake_logits(ctx.wrapped["d_z"], real_z, z_at_dz)
+        dy_logits = _real_fake_logits(ctx.wrapped["d_y"], real_y, q_at_dy)
+        c_logits = ctx.wrapped["correlation"](z_at_c).float()
+    loss_dz = _real_fake_bce(dz_logits, torch.ones(n, device=z.device))
+    loss_dy = _real_fake_bce(dy_logits, counts_y)
+    loss_c = F.cross_entropy(c_logits, targets)
+    losses = {"discriminator_z": loss_dz, "discriminator_y": loss_dy, "correlation": loss_c,
+              "adversarial_z": _fooled_bce(dz_logits[-n:, None]),
+              "adversarial_y": _fooled_bce(dy_logits[-n:, None])}
+    if decorrelate:
+        losses["decorrelation"] = decorrelation_loss(c_logits, targets, objective)
+        if objective != "maximize_ce":
+            # Not C's loss negated: needs its own (input-gradient-only) pass back through C.
+            (grad_decorrelation,) = torch.autograd.grad(losses["decorrelation"], z_at_c,
+                                                        retain_graph=True)
+    scale = _loss_scale(ctx)
     ctx.step(critic_optimizer, loss_dz + loss_dy + loss_c)
 
-    plain = ctx.plain
-    with frozen(plain.d_z, plain.d_y, plain.correlation), ctx.accelerator.autocast():
+    fake_dz, fake_dy = dz_logits[-n:].detach(), dy_logits[-n:].detach()
+    grad_z = weights.adversarial_z * _fooling_gradient(z_at_dz.grad / scale, fake_dz, 2 * n)
+    grad_q = weights.adversarial_y * _fooling_gradient(q_at_dy.grad / scale, fake_dy, 2 * n)
+    if decorrelate:
+        # maximize_ce is C's own loss negated, so its gradient is C's, reversed.
+        grad_decorrelation = (-z_at_c.grad / scale if objective == "maximize_ce"
+                              else grad_decorrelation)
+        grad_z = grad_z + weights.decorrelation * grad_decorrelation
+
+    with ctx.accelerator.autocast():
         x_hat = ctx.wrapped["decoder"](q, z)
-        loss_rec = F.mse_loss(x_hat.float(), x_u)
-        loss_gz = _fooled_bce(plain.d_z(z))
-        loss_gy = _fooled_bce(plain.d_y(q))
-        loss_sup = F.cross_entropy(logits_l, y_l)
-        total = (weights.reconstruction * loss_rec + weights.adversarial_z * loss_gz
-                 + weights.adversarial_y * loss_gy + weights.supervised * loss_sup)
-        losses = {"reconstruction": loss_rec, "discriminator_z": loss_dz,
-                  "discriminator_y": loss_dy, "adversarial_z": loss_gz, "adversarial_y": loss_gy,
-                  "supervised": loss_sup, "correlation": loss_c}
-        if decorrelate:
-            loss_dec = decorrelation_loss(plain.correlation(z), targets, objective)
-            total = total + weights.decorrelation * loss_dec
-            losses["decorrelation"] = loss_dec
+    losses["reconstruction"] = F.mse_loss(x_hat.float(), x_u)
+    losses["supervised"] = F.cross_entropy(logits_l, y_l)
+    # The code terms are linear surrogates: their gradients are grad_z and grad_q.
+    total = (weights.reconstruction * losses["reconstruction"]
+             + weights.supervised * losses["supervised"]
+             + (z * grad_z).sum() + (q * grad_q).sum())
     ctx.step(autoencoder_optimizer, total)
     return {name: value.detach() for name, value in losses.items()}

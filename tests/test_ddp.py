@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import SMOKE
@@ -11,13 +12,14 @@ from conftest import SMOKE
 HERE = Path(__file__).resolve().parent
 
 
-def test_two_cpu_processes_keep_identical_parameters(tmp_path):
+@pytest.mark.parametrize("step_mode", ["reference", "fused"])
+def test_two_cpu_processes_keep_identical_parameters(tmp_path, step_mode):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
                str(HERE / "ddp_worker.py"), str(tmp_path), str(SMOKE), f"run.dir={tmp_path}",
-               "run.name=ddp", "train.max_steps=60", "run.progress_bar=false",
+               "run.name=ddp", "train.max_steps=60", f"train.step_mode={step_mode}", "run.progress_bar=false",
                "run.checkpoint_every=25", "eval.final_test=false", "eval.probe_epochs=1"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

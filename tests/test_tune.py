@@ -192,3 +192,20 @@ def test_distributed_trial_reports_once_per_evaluation(ray_session, tmp_path):
     assert len(writers) == 1  # one main process, so the workers formed one run
     (row,) = read_rows(tmp_path / "smoke")
     assert row["status"] == "finished"
+
+
+def test_bench_tune_runs_each_concurrency_level(ray_session, tmp_path, monkeypatch):
+    from benchmarks import bench_tune, common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    tiny = ["overrides.data.synthetic_train_size=1000",
+            "overrides.model.scale=0.05", "overrides.model.adversary_hidden=16",
+            "overrides.train.max_steps=20", "overrides.run.eval_every=10",
+            "overrides.run.checkpoint_every=10", "overrides.eval.probe_train_size=300"]
+    assert bench_tune.main(["--concurrency", "1", "2", "--trials", "2", "--name", "t",
+                            "--set", *tiny]) == 0
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert [row["concurrency"] for row in result["rows"]] == [1, 2]
+    assert [row["resources.cpu"] for row in result["rows"]] == [2, 1]
+    assert all(row["trials_per_hour"] > 0 for row in result["rows"])
+    assert result["rows"][0]["speedup_vs_first"] == 1

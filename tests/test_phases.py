@@ -1,0 +1,87 @@
+"""The fused step's shortcuts (one pass per critic, the categorical prior scored
+once per class, C's gradient reversed) must give exactly the gradients of the
+losses DESIGN.md writes down, computed the plain way."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from daae import phases
+from daae.data import load_data
+from daae.train import make_accelerator, prepare_training
+
+from conftest import tiny_config
+
+
+def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, objective):
+    """Every loss written out on copies of the networks taken before the step,
+    with the same random draws: one-hot prior samples, each critic called
+    twice (detached codes for its own loss, live codes for the encoder's)."""
+    generator = torch.Generator().set_state(ctx_generator_state)
+    n = len(x_u)
+    x = torch.cat([x_u, x_l])
+    noisy = x + ctx.input_noise * torch.randn(x.shape, generator=generator)
+    logits_all, z_all = nets.encoder(noisy)
+    logits_y, z, logits_l = logits_all[:n], z_all[:n], logits_all[n:]
+    q = logits_y.softmax(1)
+    targets = q.detach()
+    prior_z = torch.randn(n, ctx.z_dim, generator=generator)
+    labels = torch.randint(ctx.num_classes, (n,), generator=generator)
+    prior_y = F.one_hot(labels, ctx.num_classes).float()
+
+    bce = F.binary_cross_entropy_with_logits
+    real, fake = torch.ones(n), torch.zeros(n)
+    critic_loss = (bce(nets.d_z(torch.cat([prior_z, z.detach()])).squeeze(1), torch.cat([real, fake]))
+                   + bce(nets.d_y(torch.cat([prior_y, q.detach()])).squeeze(1), torch.cat([real, fake]))
+                   + F.cross_entropy(nets.correlation(z.detach()), targets))
+    critics = [*nets.d_z.parameters(), *nets.d_y.parameters(), *nets.correlation.parameters()]
+    critic_grads = torch.autograd.grad(critic_loss, critics)
+
+    c_logits = nets.correlation(z)
+    if objective == "maximize_ce":
+        decorrelation = -F.cross_entropy(c_logits, targets)
+    else:
+        decorrelation = F.kl_div(c_logits.log_softmax(1), torch.full_like(c_logits, 1 / ctx.num_classes),
+                                 reduction="batchmean")
+    autoencoder_loss = (weights.reconstruction * F.mse_loss(nets.decoder(q, z), x_u)
+                        + weights.supervised * F.cross_entropy(logits_l, y_l)
+                        + weights.adversarial_z * bce(nets.d_z(z).squeeze(1), real)
+                        + weights.adversarial_y * bce(nets.d_y(q).squeeze(1), real)
+                        + weights.decorrelation * decorrelation)
+    autoencoder = [*nets.encoder.parameters(), *nets.decoder.parameters()]
+    return critic_grads, torch.autograd.grad(autoencoder_loss, autoencoder)
+
+
+@pytest.mark.parametrize("objective", ["maximize_ce", "uniform"])
+def test_fused_step_gradients_equal_the_plainly_computed_ones(tmp_path, objective):
+    config = tiny_config(tmp_path, "train.step_mode=fused", f"loss.decorrelation_objective={objective}",
+                         "loss.adversarial_z=0.7", "loss.adversarial_y=1.3", "loss.decorrelation=0.9")
+    data = load_data(config.data, config.seed)
+    setup = prepare_training(config, make_accelerator("no"), data)
+    x_u = data.unlabelled.images[:32].float() / 255
+    x_l, y_l = data.labelled.images[:20].float() / 255, data.labelled.labels[:20]
+    before = copy.deepcopy(setup.nets)
+    state = setup.generator.get_state()
+
+    phases.fused_step(setup.ctx, setup.optimizers["autoencoder"], setup.optimizers["critics"],
+                      x_u, x_l, y_l, config.loss, True, objective, "soft")
+
+    critic_grads, autoencoder_grads = _explicit_gradients(before, state, setup.ctx, x_u, x_l, y_l,
+                                                          config.loss, objective)
+    nets = setup.nets
+    critics = [*nets.d_z.parameters(), *nets.d_y.parameters(), *nets.correlation.parameters()]
+    autoencoder = [*nets.encoder.parameters(), *nets.decoder.parameters()]
+    for param, expected in zip(critics + autoencoder, critic_grads + autoencoder_grads):
+        torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_fooling_gradient_stays_finite_for_a_certain_critic():
+    # The critic's own gradient at the fake vanishes as sigmoid(l) -> 0; the
+    # rescaled gradient must not turn into 0 * inf.
+    logits = torch.tensor([-200.0, -30.0, 0.0, 30.0])
+    critic_grad = torch.sigmoid(logits)[:, None] * torch.ones(4, 3) / 8
+    grad = phases._fooling_gradient(critic_grad, logits, critic_batch=8)
+    assert torch.isfinite(grad).all()
+    expected = (torch.sigmoid(logits) - 1)[:, None] * torch.ones(4, 3) / 4
+    torch.testing.assert_close(grad[1:], expected[1:])
