@@ -1,4 +1,4 @@
-"""`daae train | eval | sample | tune`."""
+"""`daae train | eval | sample | curves | tune`."""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +54,13 @@ def _sample(args) -> int:
     return 0
 
 
+def _curves(args) -> int:
+    from .curves import write_curves
+
+    log.info("wrote %s", write_curves(args.logdir, args.out, args.tags))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="daae", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, metavar="FILE.png")
     sample.add_argument("--device", default=None)
     sample.set_defaults(handler=_sample)
+
+    from .curves import DEFAULT_TAGS
+
+    curves = commands.add_parser("curves", help="TensorBoard scalars of runs as a PNG of line plots")
+    curves.add_argument("--logdir", required=True, help="a run folder, or a folder of runs or trials")
+    curves.add_argument("--tags", nargs="+", default=list(DEFAULT_TAGS),
+                        help=f"scalar tags, one panel each (default: {' '.join(DEFAULT_TAGS)})")
+    curves.add_argument("--out", required=True, metavar="FILE.png")
+    curves.set_defaults(handler=_curves)
 
     commands.add_parser("tune", help="Ray Tune search (see `daae tune --help`)", add_help=False)
     return parser

@@ -1,0 +1,48 @@
+"""`daae curves`: TensorBoard scalars exported as a PNG of line plots."""
+import numpy as np
+import pytest
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+from daae.cli import main
+from daae.curves import PANEL_HEIGHT, PANEL_WIDTH, read_scalars
+from daae.latent_map import class_colour
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    for name, accuracy in (("a", [0.2, 0.5, 0.9]), ("b", [0.1, 0.3, 0.4])):
+        writer = SummaryWriter(str(tmp_path / "search" / name))
+        for step, value in zip((100, 200, 300), accuracy):
+            writer.add_scalar("val/accuracy", value, step)
+            writer.add_scalar("decorrelation/val/adversary_accuracy", 1 - value, step)
+        writer.close()
+    return tmp_path / "search"
+
+
+def test_reads_every_run_under_the_folder(two_runs):
+    runs = read_scalars(two_runs, ["val/accuracy"])
+    assert set(runs) == {"a", "b"}
+    assert runs["a"]["val/accuracy"] == [(100, pytest.approx(0.2)), (200, pytest.approx(0.5)),
+                                         (300, pytest.approx(0.9))]
+
+
+def test_cli_draws_one_panel_per_tag_and_one_colour_per_run(two_runs, tmp_path):
+    out = tmp_path / "curves.png"
+    assert main(["curves", "--logdir", str(two_runs), "--out", str(out)]) == 0
+    pixels = np.asarray(Image.open(out).convert("RGB"))
+    assert pixels.shape[1] == PANEL_WIDTH and pixels.shape[0] > 2 * PANEL_HEIGHT
+    for run in range(2):  # both runs' lines are drawn in both panels
+        colour = np.array(class_colour(run))
+        for panel in range(2):
+            rows = pixels[panel * PANEL_HEIGHT:(panel + 1) * PANEL_HEIGHT]
+            assert (rows == colour).all(-1).sum() > 50
+
+
+def test_bad_input_exits_2_and_writes_nothing(two_runs, tmp_path, caplog):
+    out = tmp_path / "x.png"
+    assert main(["curves", "--logdir", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert main(["curves", "--logdir", str(two_runs), "--tags", "no/such", "--out", str(out)]) == 2
+    assert main(["curves", "--logdir", str(two_runs), "--out", str(tmp_path / "x.jpg")]) == 2
+    assert not out.exists()
+    assert "no/such" in caplog.text and "missing: no such folder" in caplog.text
