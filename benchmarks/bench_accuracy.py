@@ -28,8 +28,8 @@ from benchmarks.common import machine, peak_memory, synchronize, write_result
 from daae.config import load_config
 from daae.data import load_data
 from daae.evaluate import evaluate
-from daae.train import (LossTracker, lr_factor, make_accelerator, prepare_training, set_lr_factor,
-                        training_iteration)
+from daae.train import (LossTracker, lr_factor, make_accelerator, planned_steps, prepare_training,
+                        set_lr_factor, training_iteration)
 
 log = logging.getLogger("bench_accuracy")
 CPU_BUDGET_S = 600.0
@@ -49,9 +49,7 @@ def run(config, targets: list[float], budget_s: float | None, eval_every: int) -
     data = load_data(config.data, config.seed)
     setup = prepare_training(config, accelerator, data)
     steps_per_epoch = setup.batches.steps_per_epoch
-    total_steps = config.train.epochs * steps_per_epoch
-    if config.train.max_steps is not None:
-        total_steps = min(total_steps, config.train.max_steps)
+    total_steps = planned_steps(config, steps_per_epoch)
     tracker = LossTracker(device)
     curve, clock, step = [], 0.0, 0
     while step < total_steps and (budget_s is None or clock < budget_s):
@@ -59,7 +57,7 @@ def run(config, targets: list[float], budget_s: float | None, eval_every: int) -
         started = time.perf_counter()
         for _ in range(min(eval_every, total_steps - step)):
             epoch, in_epoch = divmod(step, steps_per_epoch)
-            if in_epoch == 0 or step == 0:
+            if in_epoch == 0:
                 set_lr_factor(setup.optimizers, lr_factor(epoch, config))
             tracker.add(step, training_iteration(setup.ctx, setup.optimizers, setup.batches,
                                                  epoch, in_epoch, config))

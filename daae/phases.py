@@ -236,9 +236,10 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     loss_dz = _real_fake_bce(dz_logits, torch.ones(n, device=z.device))
     loss_dy = _real_fake_bce(dy_logits, counts_y)
     loss_c = F.cross_entropy(c_logits, targets)
+    fake_dz, fake_dy = dz_logits[-n:].detach(), dy_logits[-n:].detach()
     losses = {"discriminator_z": loss_dz, "discriminator_y": loss_dy, "correlation": loss_c,
-              "adversarial_z": _fooled_bce(dz_logits[-n:, None]),
-              "adversarial_y": _fooled_bce(dy_logits[-n:, None])}
+              "adversarial_z": _fooled_bce(fake_dz[:, None]),
+              "adversarial_y": _fooled_bce(fake_dy[:, None])}
     if decorrelate:
         losses["decorrelation"] = decorrelation_loss(c_logits, targets, objective)
         if objective != "maximize_ce":
@@ -248,7 +249,6 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     scale = _loss_scale(ctx)
     ctx.step(critic_optimizer, loss_dz + loss_dy + loss_c)
 
-    fake_dz, fake_dy = dz_logits[-n:].detach(), dy_logits[-n:].detach()
     grad_z = weights.adversarial_z * _fooling_gradient(z_at_dz.grad / scale, fake_dz, 2 * n)
     grad_q = weights.adversarial_y * _fooling_gradient(q_at_dy.grad / scale, fake_dy, 2 * n)
     if decorrelate:

@@ -74,6 +74,12 @@ def lr_factor(epoch: int, config: Config) -> float:
     return config.train.lr_decay ** drops
 
 
+def planned_steps(config: Config, steps_per_epoch: int) -> int:
+    """All epochs, or train.max_steps when that comes first."""
+    total = config.train.epochs * steps_per_epoch
+    return total if config.train.max_steps is None else min(total, config.train.max_steps)
+
+
 def set_lr_factor(optimizers: dict, factor: float) -> None:
     for optimizer in optimizers.values():
         for group in optimizer.param_groups:
@@ -282,9 +288,7 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     if resume is not None:
         step = _restore(checkpoint.load(ckpt_path), nets, optimizers, generator, accelerator, ckpt_path)
         log.info("resumed %s at step %d", run_dir, step)
-    total_steps = config.train.epochs * batches.steps_per_epoch
-    if config.train.max_steps is not None:
-        total_steps = min(total_steps, config.train.max_steps)
+    total_steps = planned_steps(config, batches.steps_per_epoch)
 
     writer = None
     if main:
