@@ -36,6 +36,9 @@ def fake_mnist(count: int, seed: int = 0) -> SemiSupervisedData:
 
 
 def daae_rate(config, data, steps: int, repeats: int) -> tuple[float, torch.device]:
+    # With train.compile, each case compiles for its own shapes, not dynamic
+    # ones inferred from the previous case's.
+    torch._dynamo.reset()
     accelerator = make_accelerator(config.train.mixed_precision)
     setup = prepare_training(config, accelerator, data)
 
@@ -46,7 +49,7 @@ def daae_rate(config, data, steps: int, repeats: int) -> tuple[float, torch.devi
                                         config)
         float(next(iter(losses.values())))  # one sync, as the trainer's log step does
 
-    run()  # warm-up: allocator, first-call overheads
+    run()  # warm-up: allocator, first-call overheads, compilation
     seconds = median([timed(run, accelerator.device) for _ in range(repeats)])
     return steps * config.train.batch_size * 2 / seconds, accelerator.device
 

@@ -1,4 +1,4 @@
-"""`daae train | eval | sample | curves | tune`."""
+"""`daae train | eval | sample | curves | summary | tune`."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +61,17 @@ def _curves(args) -> int:
     return 0
 
 
+def _summary(args) -> int:
+    from .summary import markdown, summarize
+
+    summary = summarize(args.runs)
+    if args.json:
+        sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(markdown(summary, args.label or ", ".join(args.runs)) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="daae", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"scalar tags, one panel each (default: {' '.join(DEFAULT_TAGS)})")
     curves.add_argument("--out", required=True, metavar="FILE.png")
     curves.set_defaults(handler=_curves)
+
+    summary = commands.add_parser("summary", help="mean ± std of finished runs (seeds) as a table row")
+    summary.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding metrics.json")
+    summary.add_argument("--label", default=None, help="the row's name (default: the folders)")
+    summary.add_argument("--json", action="store_true", help="print one JSON object instead")
+    summary.set_defaults(handler=_summary)
 
     commands.add_parser("tune", help="Ray Tune search (see `daae tune --help`)", add_help=False)
     return parser

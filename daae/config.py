@@ -66,6 +66,9 @@ class TrainConfig:
     # DESIGN.md order; fused: one encoder forward and one pass through each
     # critic feed every loss, then one critic step and one encoder/decoder step.
     step_mode: str = "reference"  # reference | fused
+    # torch.compile the networks each step trains: no | default | reduce-overhead
+    # (adds CUDA graphs, for a GPU step bound by kernel launches) | max-autotune.
+    compile: str = "no"
     # Each reference phase has its own Adam, which is invariant to the scale of
     # its loss; scaling the phase's learning rate by its weight (as the
     # reference does for decorrelation) is what makes the weights matter.
@@ -125,6 +128,7 @@ CHOICES = {
     "model.kind": ("mlp", "conv"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.step_mode": ("reference", "fused"),
+    "train.compile": ("no", "default", "reduce-overhead", "max-autotune"),
     "loss.decorrelation_objective": ("maximize_ce", "uniform"),
     "loss.correlation_target": ("soft", "hard"),
 }

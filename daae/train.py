@@ -91,6 +91,9 @@ def set_lr_factor(optimizers: dict, factor: float) -> None:
 def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: DeviceBatches,
                        epoch: int, step_in_epoch: int, config: Config) -> dict:
     loss = config.loss
+    if config.train.compile == "reduce-overhead":
+        # CUDA graph outputs of the previous iteration may now be overwritten.
+        torch.compiler.cudagraph_mark_step_begin()
     x_u = batches.unlabelled_batch(epoch, step_in_epoch)
     x_l, y_l = batches.labelled_batch(ctx.generator)
     decorrelate = loss.decorrelation > 0 and epoch >= loss.decorrelation_start_epoch
@@ -252,6 +255,12 @@ def prepare_training(config: Config, accelerator: Accelerator, data) -> Training
     prepared = accelerator.prepare(*(getattr(nets, name) for name in NETWORK_ORDER),
                                    *optimizers.values())
     wrapped = dict(zip(NETWORK_ORDER, prepared[:len(NETWORK_ORDER)]))
+    if config.train.compile != "no":
+        # Only the training forwards: evaluation and the reference order's frozen
+        # forwards use the eager networks, so varying batch sizes and frozen
+        # weights never trigger recompiles.
+        mode = None if config.train.compile == "default" else config.train.compile
+        wrapped = {name: torch.compile(module, mode=mode) for name, module in wrapped.items()}
     optimizers = dict(zip(optimizers, prepared[len(NETWORK_ORDER):]))
     generator = torch.Generator(device=device)
     generator.manual_seed(config.seed * 1_000_003 + accelerator.process_index)
