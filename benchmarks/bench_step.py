@@ -36,9 +36,6 @@ def fake_mnist(count: int, seed: int = 0) -> SemiSupervisedData:
 
 
 def daae_rate(config, data, steps: int, repeats: int) -> tuple[float, torch.device]:
-    # With train.compile, each case compiles for its own shapes, not dynamic
-    # ones inferred from the previous case's.
-    torch._dynamo.reset()
     accelerator = make_accelerator(config.train.mixed_precision)
     setup = prepare_training(config, accelerator, data)
 

@@ -68,7 +68,7 @@ def _summary(args) -> int:
     if args.json:
         sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n")
     else:
-        sys.stdout.write(markdown(summary, args.label or ", ".join(args.runs)) + "\n")
+        sys.stdout.write(markdown(summary, args.label or ", ".join(args.runs)))
     return 0
 
 

@@ -3,7 +3,8 @@ results table reports, read from each run's metrics.json.
 
     daae summary runs/p100/on_s0 runs/p100/on_s1 runs/p100/on_s2 [--label "on"] [--json]
 
-Test figures are read only to report: selection happens on validation.
+Test figures are read only to report: selection happens on validation. The
+mean ± std and the Markdown table are also what a search's arms.md is made of.
 """
 from __future__ import annotations
 
@@ -11,21 +12,36 @@ import json
 import math
 import statistics
 from pathlib import Path
+from typing import Callable
 
 from .config import ConfigError
 from .runs import METRICS_FILE
 
-# (column, split, metric, scale): percentages for accuracies, error = 100 - accuracy.
+# (column, split, metric, scale, decimals); scale "error" reports 100 - 100 * accuracy;
+# decimals None: whole numbers when every value is one, else one decimal.
 COLUMNS = (
-    ("test error %", "test", "accuracy", "error"),
-    ("adversary %", "test", "adversary_accuracy", 100.0),
-    ("probe %", "test", "probe_accuracy", 100.0),
-    ("linear probe %", "test", "linear_probe_accuracy", 100.0),
-    ("recon mse", "test", "recon_mse", 1.0),
-    ("validation accuracy %", "validation", "accuracy", 100.0),
-    ("epochs", None, "epoch", 1.0),
-    ("training s", None, "train_seconds", 1.0),
+    ("test error %", "test", "accuracy", "error", 2),
+    ("adversary %", "test", "adversary_accuracy", 100.0, 2),
+    ("probe %", "test", "probe_accuracy", 100.0, 2),
+    ("linear probe %", "test", "linear_probe_accuracy", 100.0, 2),
+    ("recon mse", "test", "recon_mse", 1.0, 4),
+    ("validation accuracy %", "validation", "accuracy", 100.0, 2),
+    ("epochs", None, "epoch", 1.0, None),
+    ("training s", None, "train_seconds", 1.0, 0),
 )
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); no spread for a single value."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def markdown_table(rows: list[dict], formatter: Callable[[str, object], str]) -> str:
+    """A Markdown table with the first row's keys as its header."""
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(formatter(k, row[k]) for k in header) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _read_metrics(run_dir: Path) -> dict:
@@ -52,27 +68,24 @@ def summarize(run_dirs) -> dict:
         raise ConfigError("daae summary needs at least one run folder")
     rows = [(Path(d), _read_metrics(Path(d))) for d in run_dirs]
     summary = {"runs": len(rows)}
-    for column, split, name, scale in COLUMNS:
+    for column, split, name, scale, _ in COLUMNS:
         values = [_value(m, split, name, scale, d / METRICS_FILE) for d, m in rows]
-        summary[column] = {"mean": statistics.fmean(values),
-                           "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                           "values": values}
+        mean, std = mean_std(values)
+        summary[column] = {"mean": mean, "std": std, "values": values}
     return summary
 
 
-def _cell(column: str, stats: dict) -> str:
-    digits = 4 if column == "recon mse" else 0 if column == "training s" else 2
-    if column == "epochs":
-        digits = 0 if all(float(v).is_integer() for v in stats["values"]) else 1
+def _cell(stats: dict, decimals) -> str:
+    if decimals is None:
+        decimals = 0 if all(float(v).is_integer() for v in stats["values"]) else 1
     if math.isnan(stats["mean"]):
         return "–"
     if len(stats["values"]) == 1:  # one run has no spread to report
-        return f"{stats['mean']:.{digits}f}"
-    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+        return f"{stats['mean']:.{decimals}f}"
+    return f"{stats['mean']:.{decimals}f} ± {stats['std']:.{decimals}f}"
 
 
 def markdown(summary: dict, label: str) -> str:
-    header = ["runs", "n", *(column for column, *_ in COLUMNS)]
-    row = [label, str(summary["runs"]), *(_cell(column, summary[column]) for column, *_ in COLUMNS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header), "| " + " | ".join(row) + " |"]
-    return "\n".join(lines)
+    row = {"runs": label, "n": str(summary["runs"]),
+           **{column: _cell(summary[column], decimals) for column, *_, decimals in COLUMNS}}
+    return markdown_table([row], lambda key, value: value)

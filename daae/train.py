@@ -258,9 +258,11 @@ def prepare_training(config: Config, accelerator: Accelerator, data) -> Training
     if config.train.compile != "no":
         # Only the training forwards: evaluation and the reference order's frozen
         # forwards use the eager networks, so varying batch sizes and frozen
-        # weights never trigger recompiles.
+        # weights never trigger recompiles. A run's shapes are fixed: static
+        # graphs, also when an earlier run in this process compiled other shapes.
         mode = None if config.train.compile == "default" else config.train.compile
-        wrapped = {name: torch.compile(module, mode=mode) for name, module in wrapped.items()}
+        wrapped = {name: torch.compile(module, mode=mode, dynamic=False)
+                   for name, module in wrapped.items()}
     optimizers = dict(zip(optimizers, prepared[len(NETWORK_ORDER):]))
     generator = torch.Generator(device=device)
     generator.manual_seed(config.seed * 1_000_003 + accelerator.process_index)

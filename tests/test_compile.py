@@ -11,7 +11,7 @@ from conftest import tiny_config
 def _first_gradients_and_losses(config, data, steps):
     """The gradients left by the first iteration (each network's last phase),
     and every iteration's losses."""
-    torch._dynamo.reset()  # no compiled code or shape history from earlier tests
+    torch._dynamo.reset()  # compile afresh: no compiled code from earlier tests
     setup = prepare_training(config, make_accelerator("no"), data)
     history, gradients = [], None
     for step in range(steps):

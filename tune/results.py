@@ -8,7 +8,6 @@ import csv
 import io
 import logging
 import math
-import statistics
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,6 +15,7 @@ import yaml
 
 from daae.config import to_dict
 from daae.evaluate import tensorboard_tags
+from daae.summary import markdown_table, mean_std
 
 from .space import plain
 from .spec import ARM_KEY, SearchSpec
@@ -87,12 +87,7 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def to_markdown(rows: list[dict], formatter=_format) -> str:
-    if not rows:
-        return "(no trials)\n"
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(formatter(k, row[k]) for k in header) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, formatter) if rows else "(no trials)\n"
 
 
 # ------------------------------------------------------------------------------ arms
@@ -106,8 +101,7 @@ def arm_rows(spec: SearchSpec, rows: list[dict]) -> list[dict]:
         row = {"arm": arm, "n": len(done)}
         for name in ARM_METRICS:
             values = [r[name] for r in done if r[name] is not None]
-            row[f"{name}_mean"] = statistics.fmean(values) if values else None
-            row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+            row[f"{name}_mean"], row[f"{name}_std"] = mean_std(values) if values else (None, None)
         row["meets_target"] = f"{sum(bool(r['meets_target']) for r in done)}/{len(done)}"
         out.append(row)
     return out
