@@ -109,7 +109,7 @@ class RunConfig:
     log_every: int = 50
     eval_every: int = 1000
     checkpoint_every: int = 1000
-    progress_bar: bool = True
+    progress_bar: bool = True  # shown only when stderr is a terminal
 
 
 @dataclass

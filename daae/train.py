@@ -343,7 +343,10 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
         accelerator.wait_for_everyone()
 
     from tqdm.auto import tqdm
-    progress = tqdm(total=total_steps, initial=step, disable=not (main and config.run.progress_bar),
+    # disable=None: tqdm draws only on a terminal; into a redirected log it
+    # would write a line per refresh for the whole run.
+    progress = tqdm(total=total_steps, initial=step,
+                    disable=None if main and config.run.progress_bar else True,
                     desc="train", dynamic_ncols=True)
     steps_timed, excluded_seconds = 0, 0.0  # evaluation and checkpoints are not training time
     loop_started = time.perf_counter()

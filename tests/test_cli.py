@@ -36,6 +36,18 @@ def test_eval_prints_the_metrics_as_one_json_object(trained_run, tmp_path):
     assert metrics["test_accuracy"] > 0.3 and metrics["step"] == 40
 
 
+def test_train_into_a_redirected_log_draws_no_progress_bar(tmp_path):
+    # The bar is on by default; on a pipe (a cluster job's log) it would add a
+    # line per refresh.
+    done = subprocess.run([sys.executable, "-m", "daae", "train", "--config", str(SMOKE),
+                           f"run.dir={tmp_path}", "run.name=piped", "train.max_steps=20",
+                           "eval.final_test=false", "eval.probe_epochs=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "piped" / "checkpoints" / "last.pt").is_file()
+    assert "it/s" not in done.stderr and "train:" not in done.stderr, done.stderr[-2000:]
+
+
 def test_resume_continues_from_the_run_folder(trained_run):
     assert main(["train", "--resume", str(trained_run), "train.max_steps=50"]) == 0
     metrics = json.loads((trained_run / "metrics.json").read_text())
