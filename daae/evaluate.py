@@ -43,6 +43,23 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> f
     return float(metric(logits, labels))
 
 
+def cluster_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Accuracy of the predicted classes under their best one-to-one renaming.
+
+    The accuracy q(y|x) would have if its clusters were named after the labels
+    optimally (Hungarian matching on the confusion matrix): equal to the plain
+    accuracy once the labels have named the clusters, and the measure of how
+    well the categorical adversary clusters when there are no labels. A
+    collapse onto fewer classes scores at most the share of those classes.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    confusion = torch.bincount(labels.long() * num_classes + predictions.long(),
+                               minlength=num_classes * num_classes).view(num_classes, num_classes)
+    rows, cols = linear_sum_assignment(confusion.cpu().numpy(), maximize=True)
+    return float(confusion[rows, cols].sum()) / len(labels)
+
+
 def train_probe(probe: nn.Module, z: torch.Tensor, labels: torch.Tensor, config: EvalConfig,
                 seed: int) -> nn.Module:
     """Fit a fresh classifier on frozen codes, z standardised by its training statistics."""
@@ -106,6 +123,7 @@ def evaluate(nets: Networks, split: ImageSet, labelled: ImageSet, config: EvalCo
         "z_std": float(encoded.z.std()),
         "y_marginal_entropy": float(-(marginal * marginal.clamp_min(1e-12).log()).sum()),
         "y_marginal_entropy_max": math.log(num_classes),
+        "cluster_accuracy": cluster_accuracy(q.argmax(1), labels, num_classes),
     }
     labelled_logits = encode(nets, labelled.images, config.batch_size, device).logits_y
     metrics["labelled_accuracy"] = _accuracy(labelled_logits, labelled.labels.to(device), num_classes)
@@ -129,7 +147,8 @@ def tensorboard_tags(split_name: str, metrics: dict[str, float]) -> dict[str, fl
               "recon_mse": f"recon/{split_name}/mse",
               "z_mean": f"z/{split_name}/mean",
               "z_std": f"z/{split_name}/std",
-              "y_marginal_entropy": f"y/{split_name}/marginal_entropy"}
+              "y_marginal_entropy": f"y/{split_name}/marginal_entropy",
+              "cluster_accuracy": f"y/{split_name}/cluster_accuracy"}
     return {family[k]: v for k, v in metrics.items() if k in family}
 
 

@@ -30,7 +30,7 @@ def test_eval_prints_the_metrics_as_one_json_object(trained_run, tmp_path):
     metrics = json.loads(done.stdout)
     for key in ("test_accuracy", "adversary_accuracy", "probe_accuracy", "linear_probe_accuracy",
                 "recon_mse", "z_mean", "z_std", "y_marginal_entropy", "labelled_accuracy",
-                "generation_consistency"):
+                "cluster_accuracy", "generation_consistency"):
         assert isinstance(metrics[key], float), key
     assert list(tmp_path.glob("daae/classifiers/synthetic-*.pt"))
     assert metrics["test_accuracy"] > 0.3 and metrics["step"] == 40

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from daae import checkpoint
+from daae.evaluate import cluster_accuracy
 from daae.train import NonFiniteLossError, train
 
 from conftest import tiny_config
@@ -45,8 +46,10 @@ def test_run_folder_holds_config_events_images_checkpoint_metrics(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["step"] == result["step"] == 30
     for key in ("accuracy", "adversary_accuracy", "probe_accuracy", "linear_probe_accuracy",
-                "recon_mse", "z_mean", "z_std", "y_marginal_entropy", "labelled_accuracy"):
+                "recon_mse", "z_mean", "z_std", "y_marginal_entropy", "labelled_accuracy",
+                "cluster_accuracy"):
         assert 0 <= metrics["test"][key] or key == "z_mean"
+    assert metrics["test"]["cluster_accuracy"] >= metrics["test"]["accuracy"] - 1e-6
     assert not list(run.rglob("*.tmp"))
 
 
@@ -72,3 +75,14 @@ def test_non_finite_loss_names_phase_and_step_and_keeps_last_checkpoint(tmp_path
     assert kept["step"] == 10
     for name, tensor in good["networks"].items():
         assert torch.equal(tensor, kept["networks"][name])
+
+
+def test_cluster_accuracy_names_each_cluster_after_its_best_matching_label():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
+    renamed = (labels + 1) % 3  # perfect clusters under other names
+    assert cluster_accuracy(renamed, labels, 3) == 1.0
+    # Collapsed onto one class: only the largest class can be matched.
+    assert cluster_accuracy(torch.zeros_like(labels), labels, 3) == 0.5
+    # Two labels share a cluster: one of them is matched, the other is an error.
+    merged = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])
+    assert cluster_accuracy(merged, labels, 3) == 0.75

@@ -9,7 +9,7 @@ from typing import Optional
 # What train() reports for the validation split (daae.evaluate.evaluate).
 VALIDATION_METRICS = ("accuracy", "adversary_accuracy", "probe_accuracy",
                       "linear_probe_accuracy", "recon_mse", "z_mean", "z_std",
-                      "y_marginal_entropy", "labelled_accuracy")
+                      "y_marginal_entropy", "labelled_accuracy", "cluster_accuracy")
 # The probes are trained only in the final evaluation unless
 # eval.probes_during_training=true, so intermediate reports lack them.
 FINAL_ONLY_METRICS = ("probe_accuracy", "linear_probe_accuracy")
