@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from .config import EvalConfig
 from .data import ImageSet, to_float
@@ -54,8 +54,7 @@ def cluster_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classe
     """
     from scipy.optimize import linear_sum_assignment
 
-    confusion = torch.bincount(labels.long() * num_classes + predictions.long(),
-                               minlength=num_classes * num_classes).view(num_classes, num_classes)
+    confusion = MulticlassConfusionMatrix(num_classes).to(labels.device)(predictions, labels)
     rows, cols = linear_sum_assignment(confusion.cpu().numpy(), maximize=True)
     return float(confusion[rows, cols].sum()) / len(labels)
 
@@ -114,16 +113,17 @@ def evaluate(nets: Networks, split: ImageSet, labelled: ImageSet, config: EvalCo
     adversary_logits = nets.correlation(encoded.z)
     nets.train(was_training)
     q = encoded.logits_y.softmax(1)
+    predicted = q.argmax(1)
     marginal = q.mean(0)
     metrics = {
         "accuracy": _accuracy(encoded.logits_y, labels, num_classes),
-        "adversary_accuracy": float((adversary_logits.argmax(1) == q.argmax(1)).float().mean()),
+        "adversary_accuracy": float((adversary_logits.argmax(1) == predicted).float().mean()),
         "recon_mse": float(encoded.recon_mse),
         "z_mean": float(encoded.z.mean()),
         "z_std": float(encoded.z.std()),
         "y_marginal_entropy": float(-(marginal * marginal.clamp_min(1e-12).log()).sum()),
         "y_marginal_entropy_max": math.log(num_classes),
-        "cluster_accuracy": cluster_accuracy(q.argmax(1), labels, num_classes),
+        "cluster_accuracy": cluster_accuracy(predicted, labels, num_classes),
     }
     labelled_logits = encode(nets, labelled.images, config.batch_size, device).logits_y
     metrics["labelled_accuracy"] = _accuracy(labelled_logits, labelled.labels.to(device), num_classes)
