@@ -1,6 +1,8 @@
 """The benchmarks are not tests; these keep them runnable (a few iterations each)."""
 import json
 
+import pytest
+
 from benchmarks import bench_step, common
 
 from conftest import SMOKE
@@ -29,3 +31,58 @@ def test_bench_accuracy_records_a_curve_and_the_targets(tmp_path, monkeypatch):
     assert result["targets"]["0"]["step"] == 20  # reached at the first evaluation
     assert result["targets"]["1.01"] is None
     assert 0 <= result["final"]["test_accuracy"] <= 1
+
+
+def _device_session(tmp_path, *args):
+    from benchmarks import device_session
+
+    out = tmp_path / "out"
+    code = device_session.main(["--data-root", str(tmp_path), "--out", str(out), "--config", str(SMOKE),
+                                "--skip-bench", "--seeds", "0", *args])
+    return code, out
+
+
+def test_device_session_trains_every_arm_and_packs_what_comes_back(tmp_path):
+    import tarfile
+
+    code, out = _device_session(tmp_path, "--arms", "on", "off", "--budget-s", "600",
+                                "--set", "train.max_steps=20", "eval.probe_epochs=1")
+    assert code == 0
+    # What the device returns: files at most two folders down, and no more than 8.
+    assert sorted(p.name for p in out.iterdir()) == ["runs.tar.gz", "session.json", "summary.md"]
+    summary = (out / "summary.md").read_text()
+    assert "| on | 1 |" in summary and "| off | 1 |" in summary
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        names = tar.getnames()
+    for arm in ("on", "off"):
+        assert f"runs/{arm}-seed0/metrics.json" in names
+        assert f"runs/{arm}-seed0.log" in names
+        assert any(n.startswith(f"runs/{arm}-seed0/events.out.tfevents") for n in names)
+    assert not any(n.endswith(".pt") for n in names)
+    off = json.loads((out / "session.json").read_text())
+    assert off["runs"] == {"on-seed0": 0, "off-seed0": 0}
+
+
+def test_device_session_stops_runs_at_the_deadline_and_evaluates_their_checkpoints(tmp_path):
+    import tarfile
+
+    code, out = _device_session(tmp_path, "--arms", "on", "--budget-s", "30",
+                                "--set", "train.epochs=100000", "run.checkpoint_every=5",
+                                "eval.probe_epochs=1")
+    assert code == 1
+    summary = (out / "summary.md").read_text()
+    assert "on: no run finished" in summary
+    assert "on-seed0: stopped at the deadline; its last checkpoint (step " in summary
+    assert "test error" in summary
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        stopped = json.load(tar.extractfile("runs/on-seed0/checkpoint_test.json"))
+    assert stopped["step"] >= 5 and 0 <= stopped["accuracy"] <= 1
+
+
+def test_device_session_refuses_a_data_root_without_mnist(tmp_path, capsys):
+    from benchmarks import device_session
+
+    with pytest.raises(SystemExit):
+        device_session.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "o"),
+                             "--skip-bench"])
+    assert "holds no train-images-idx3-ubyte.gz" in capsys.readouterr().err

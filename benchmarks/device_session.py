@@ -1,0 +1,194 @@
+"""Everything a short GPU lease is for, in one command that fits one device call.
+
+    python3 -m benchmarks.device_session --data-root .device/mnist --out "$OUT"
+        [--config configs/mnist_p100.yaml] [--seeds 0 1 2] [--arms on off]
+        [--budget-s 360] [--bench-steps 50] [--skip-bench] [--set key=value ...]
+
+1. bench_step on the device (MLP and conv, fp32 and bf16): daae's two step
+   orders against the plain reference loop.
+2. One `daae train` per seed and arm (``on``: the config as it is; ``off``:
+   ``loss.decorrelation=0``), all at once on the one GPU: a launch-bound step
+   leaves the GPU idle most of the time, so concurrent runs share it well.
+   Runs still going at the deadline are stopped; their curves come back all
+   the same, and their last checkpoints are evaluated on the test split.
+3. Into --out, at most 8 files, none nested deeper than the machine returns:
+   summary.md (`daae summary` of each arm's finished runs, the stopped ones
+   listed), session.json (what ran, how long, exit codes), the bench_step JSONs,
+   and runs.tar.gz (every run's config, metrics.json, events and logs; no
+   checkpoints, which are too large to bring back).
+
+Nothing here is GPU-only: on CPU with a tiny config it runs in seconds
+(tests/test_benchmarks.py), so the command is known to work before a lease
+is spent on it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from daae.config import load_config
+
+log = logging.getLogger("device_session")
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = {"on": [], "off": ["loss.decorrelation=0"]}
+STOPPED = "stopped at the deadline"
+STOPPED_METRICS = "checkpoint_test.json"
+RETURNED = ("config.yaml", "metrics.json", STOPPED_METRICS, "events.out.tfevents.*")
+
+
+def _python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def run_bench_step(out: Path, steps: int, extra: list[str], timeout_s: float) -> dict:
+    name = "bench_step-device"
+    command = _python("-m", "benchmarks.bench_step", "--steps", str(steps), "--repeats", "3",
+                      "--name", name, *(["--set", *extra] if extra else []))
+    started = time.perf_counter()
+    try:
+        code = subprocess.run(command, cwd=ROOT, timeout=timeout_s).returncode
+    except subprocess.TimeoutExpired:
+        code = "timeout"
+    result = ROOT / "benchmarks" / "results" / f"{name}.json"
+    if result.is_file():
+        shutil.copy(result, out / result.name)
+    return {"command": command, "exit": code, "seconds": time.perf_counter() - started}
+
+
+def start_runs(args, runs_dir: Path) -> dict[str, tuple[subprocess.Popen, list[str]]]:
+    runs = {}
+    for arm in args.arms:
+        for seed in args.seeds:
+            name = f"{arm}-seed{seed}"
+            command = _python("-m", "daae", "train", "--config", args.config,
+                              f"data.root={args.data_root}", f"seed={seed}", f"run.dir={runs_dir}",
+                              f"run.name={name}", "run.progress_bar=false", *args.set, *ARMS[arm])
+            log_file = open(runs_dir / f"{name}.log", "w")
+            runs[name] = (subprocess.Popen(command, cwd=ROOT, stdout=log_file,
+                                           stderr=subprocess.STDOUT), command)
+    return runs
+
+
+def wait_for(runs: dict, deadline: float) -> dict[str, object]:
+    """Exit code of each run, or "stopped at the deadline"."""
+    for process, _ in runs.values():
+        try:
+            process.wait(timeout=max(deadline - time.perf_counter(), 0.0))
+        except subprocess.TimeoutExpired:
+            pass
+    codes = {}
+    for name, (process, _) in runs.items():
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            codes[name] = STOPPED
+        else:
+            codes[name] = process.returncode
+    return codes
+
+
+def evaluate_stopped(runs_dir: Path, names: list[str]) -> dict[str, dict]:
+    """Test metrics of each stopped run's last checkpoint (probes included, no
+    generation checker), written beside it as checkpoint_test.json."""
+    import torch
+
+    from daae.evaluate import evaluate
+    from daae.runs import load_trained_run
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = {}
+    for name in names:
+        if not (runs_dir / name / "checkpoints").is_dir():
+            continue
+        run = load_trained_run(runs_dir / name, device)
+        data = run.data
+        metrics = evaluate(run.nets, data.test, data.labelled, run.config.eval, data.num_classes,
+                           device, data.train_images(), run.config.seed)
+        results[name] = {"step": int(run.state["step"]), **metrics}
+        (runs_dir / name / STOPPED_METRICS).write_text(json.dumps(results[name], indent=2) + "\n")
+    return results
+
+
+def summarize_arms(arms: list[str], runs_dir: Path, codes: dict, stopped: dict) -> str:
+    from daae.summary import markdown, summarize
+
+    sections = []
+    for arm in arms:
+        names = sorted(n for n in codes if n.startswith(f"{arm}-"))
+        finished = [runs_dir / n for n in names if (runs_dir / n / "metrics.json").is_file()]
+        text = markdown(summarize(finished), arm) if finished else f"{arm}: no run finished\n"
+        for name in (n for n in names if runs_dir / n not in finished):
+            text += f"\n- {name}: {codes[name]}"
+            if name in stopped:
+                m = stopped[name]
+                text += (f"; its last checkpoint (step {m['step']}): test error "
+                         f"{100 * (1 - m['accuracy']):.2f} %, adversary {100 * m['adversary_accuracy']:.2f} %, "
+                         f"probe {100 * m['probe_accuracy']:.2f} %")
+        sections.append(text + "\n")
+    return "\n".join(sections)
+
+
+def pack_runs(runs_dir: Path, archive: Path) -> None:
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(runs_dir.rglob("*")):
+            if path.is_file() and (path.suffix == ".log" or any(path.match(p) for p in RETURNED)):
+                tar.add(path, arcname=path.relative_to(runs_dir.parent))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", required=True, help="folder holding the MNIST .gz files")
+    parser.add_argument("--out", required=True, help="where the results go ($OUT on the device)")
+    parser.add_argument("--config", default="configs/mnist_p100.yaml")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["on", "off"])
+    parser.add_argument("--budget-s", type=float, default=360.0,
+                        help="wall-clock seconds for the training runs (default 360)")
+    parser.add_argument("--bench-steps", type=int, default=50)
+    parser.add_argument("--bench-timeout-s", type=float, default=120.0)
+    parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                        help="trainer overrides for every run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # A bad config or override fails here, before any run starts.
+    config = load_config(args.config, [f"data.root={args.data_root}", *args.set])
+    if config.data.name == "mnist" and not (Path(args.data_root) / "train-images-idx3-ubyte.gz").is_file():
+        parser.error(f"--data-root {args.data_root} holds no train-images-idx3-ubyte.gz: copy "
+                     f"MNIST's four .gz files there (and carry that folder to the device)")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    runs_dir = out / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    session = {"config": args.config, "seeds": args.seeds, "arms": args.arms, "set": args.set,
+               "budget_s": args.budget_s}
+
+    if not args.skip_bench:
+        log.info("bench_step")
+        session["bench_step"] = run_bench_step(out, args.bench_steps, [], args.bench_timeout_s)
+    log.info("training %d runs for at most %.0f s", len(args.seeds) * len(args.arms), args.budget_s)
+    started = time.perf_counter()
+    codes = wait_for(start_runs(args, runs_dir), started + args.budget_s)
+    session.update(training_seconds=time.perf_counter() - started, runs=codes)
+    stopped = evaluate_stopped(runs_dir, [n for n, code in codes.items() if code == STOPPED])
+    (out / "summary.md").write_text(summarize_arms(args.arms, runs_dir, codes, stopped))
+    (out / "session.json").write_text(json.dumps(session, indent=2, sort_keys=True, default=str) + "\n")
+    pack_runs(runs_dir, out / "runs.tar.gz")
+    shutil.rmtree(runs_dir)  # only the archive goes back: the machine returns two folder levels
+    log.info("%s", (out / "summary.md").read_text())
+    return 0 if all(code == 0 for code in codes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
