@@ -33,6 +33,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from daae.checkpoint import checkpoint_path
 from daae.config import load_config
 
 log = logging.getLogger("device_session")
@@ -47,10 +48,10 @@ def _python(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def run_bench_step(out: Path, steps: int, extra: list[str], timeout_s: float) -> dict:
+def run_bench_step(out: Path, steps: int, timeout_s: float) -> dict:
     name = "bench_step-device"
     command = _python("-m", "benchmarks.bench_step", "--steps", str(steps), "--repeats", "3",
-                      "--name", name, *(["--set", *extra] if extra else []))
+                      "--name", name)
     started = time.perf_counter()
     try:
         code = subprocess.run(command, cwd=ROOT, timeout=timeout_s).returncode
@@ -62,29 +63,31 @@ def run_bench_step(out: Path, steps: int, extra: list[str], timeout_s: float) ->
     return {"command": command, "exit": code, "seconds": time.perf_counter() - started}
 
 
-def start_runs(args, runs_dir: Path) -> dict[str, tuple[subprocess.Popen, list[str]]]:
+def train_commands(args, runs_dir: Path) -> dict[str, list[str]]:
+    return {f"{arm}-seed{seed}": _python(
+                "-m", "daae", "train", "--config", args.config, f"data.root={args.data_root}",
+                f"seed={seed}", f"run.dir={runs_dir}", f"run.name={arm}-seed{seed}",
+                "run.progress_bar=false", *args.set, *ARMS[arm])
+            for arm in args.arms for seed in args.seeds}
+
+
+def start_runs(commands: dict[str, list[str]], runs_dir: Path) -> dict[str, subprocess.Popen]:
     runs = {}
-    for arm in args.arms:
-        for seed in args.seeds:
-            name = f"{arm}-seed{seed}"
-            command = _python("-m", "daae", "train", "--config", args.config,
-                              f"data.root={args.data_root}", f"seed={seed}", f"run.dir={runs_dir}",
-                              f"run.name={name}", "run.progress_bar=false", *args.set, *ARMS[arm])
-            log_file = open(runs_dir / f"{name}.log", "w")
-            runs[name] = (subprocess.Popen(command, cwd=ROOT, stdout=log_file,
-                                           stderr=subprocess.STDOUT), command)
+    for name, command in commands.items():
+        with open(runs_dir / f"{name}.log", "w") as log_file:  # the child keeps its own handle
+            runs[name] = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
     return runs
 
 
-def wait_for(runs: dict, deadline: float) -> dict[str, object]:
-    """Exit code of each run, or "stopped at the deadline"."""
-    for process, _ in runs.values():
+def wait_for(runs: dict[str, subprocess.Popen], deadline: float) -> dict[str, object]:
+    """Exit code of each run, or STOPPED."""
+    for process in runs.values():
         try:
             process.wait(timeout=max(deadline - time.perf_counter(), 0.0))
         except subprocess.TimeoutExpired:
             pass
     codes = {}
-    for name, (process, _) in runs.items():
+    for name, process in runs.items():
         if process.poll() is None:
             process.terminate()
             try:
@@ -109,7 +112,7 @@ def evaluate_stopped(runs_dir: Path, names: list[str]) -> dict[str, dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {}
     for name in names:
-        if not (runs_dir / name / "checkpoints").is_dir():
+        if not checkpoint_path(runs_dir / name).exists():
             continue
         run = load_trained_run(runs_dir / name, device)
         data = run.data
@@ -129,7 +132,8 @@ def summarize_arms(arms: list[str], runs_dir: Path, codes: dict, stopped: dict) 
         finished = [runs_dir / n for n in names if (runs_dir / n / "metrics.json").is_file()]
         text = markdown(summarize(finished), arm) if finished else f"{arm}: no run finished\n"
         for name in (n for n in names if runs_dir / n not in finished):
-            text += f"\n- {name}: {codes[name]}"
+            code = codes[name]
+            text += f"\n- {name}: {code if code == STOPPED else f'exit {code}'}"
             if name in stopped:
                 m = stopped[name]
                 text += (f"; its last checkpoint (step {m['step']}): test error "
@@ -176,11 +180,12 @@ def main(argv=None) -> int:
 
     if not args.skip_bench:
         log.info("bench_step")
-        session["bench_step"] = run_bench_step(out, args.bench_steps, [], args.bench_timeout_s)
-    log.info("training %d runs for at most %.0f s", len(args.seeds) * len(args.arms), args.budget_s)
+        session["bench_step"] = run_bench_step(out, args.bench_steps, args.bench_timeout_s)
+    commands = train_commands(args, runs_dir)
+    log.info("training %d runs for at most %.0f s", len(commands), args.budget_s)
     started = time.perf_counter()
-    codes = wait_for(start_runs(args, runs_dir), started + args.budget_s)
-    session.update(training_seconds=time.perf_counter() - started, runs=codes)
+    codes = wait_for(start_runs(commands, runs_dir), started + args.budget_s)
+    session.update(training_seconds=time.perf_counter() - started, runs=codes, commands=commands)
     stopped = evaluate_stopped(runs_dir, [n for n, code in codes.items() if code == STOPPED])
     (out / "summary.md").write_text(summarize_arms(args.arms, runs_dir, codes, stopped))
     (out / "session.json").write_text(json.dumps(session, indent=2, sort_keys=True, default=str) + "\n")
