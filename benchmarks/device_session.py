@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", required=True, help="folder holding the MNIST .gz files")
     parser.add_argument("--out", required=True, help="where the results go ($OUT on the device)")
-    parser.add_argument("--config", default="configs/mnist_p100.yaml")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "mnist_p100.yaml"))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["on", "off"])
     parser.add_argument("--budget-s", type=float, default=360.0,
@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
                         help="trainer overrides for every run")
     args = parser.parse_args(argv)
+    # The runs start in the repository root: paths given from elsewhere must still hold.
+    args.config, args.data_root = str(Path(args.config).resolve()), str(Path(args.data_root).resolve())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     # A bad config or override fails here, before any run starts.
     config = load_config(args.config, [f"data.root={args.data_root}", *args.set])
