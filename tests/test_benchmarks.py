@@ -66,7 +66,7 @@ def test_device_session_trains_every_arm_and_packs_what_comes_back(tmp_path):
 def test_device_session_stops_runs_at_the_deadline_and_evaluates_their_checkpoints(tmp_path):
     import tarfile
 
-    code, out = _device_session(tmp_path, "--arms", "on", "--budget-s", "30",
+    code, out = _device_session(tmp_path, "--arms", "on", "--budget-s", "15",
                                 "--set", "train.epochs=100000", "run.checkpoint_every=5",
                                 "eval.probe_epochs=1")
     assert code == 1
