@@ -1,11 +1,15 @@
 """The benchmarks are not tests; these keep them runnable (a few iterations each)."""
 import json
+import subprocess
+import sys
+import tarfile
+import time
 
 import pytest
 
 from benchmarks import bench_step, common
 
-from conftest import SMOKE
+from conftest import SMOKE, tiny_config
 
 
 def test_bench_step_runs_and_writes_its_result(tmp_path, monkeypatch):
@@ -43,8 +47,6 @@ def _device_session(tmp_path, *args):
 
 
 def test_device_session_trains_every_arm_and_packs_what_comes_back(tmp_path):
-    import tarfile
-
     code, out = _device_session(tmp_path, "--arms", "on", "off", "--budget-s", "600",
                                 "--set", "train.max_steps=20", "eval.probe_epochs=1")
     assert code == 0
@@ -59,24 +61,31 @@ def test_device_session_trains_every_arm_and_packs_what_comes_back(tmp_path):
         assert f"runs/{arm}-seed0.log" in names
         assert any(n.startswith(f"runs/{arm}-seed0/events.out.tfevents") for n in names)
     assert not any(n.endswith(".pt") for n in names)
-    off = json.loads((out / "session.json").read_text())
-    assert off["runs"] == {"on-seed0": 0, "off-seed0": 0}
+    session = json.loads((out / "session.json").read_text())
+    assert session["runs"] == {"on-seed0": 0, "off-seed0": 0}
+    assert "loss.decorrelation=0" in session["commands"]["off-seed0"]
+    assert "loss.decorrelation=0" not in session["commands"]["on-seed0"]
 
 
 def test_device_session_stops_runs_at_the_deadline_and_evaluates_their_checkpoints(tmp_path):
-    import tarfile
+    from benchmarks import device_session
+    from daae.train import train
 
-    code, out = _device_session(tmp_path, "--arms", "on", "--budget-s", "15",
-                                "--set", "train.epochs=100000", "run.checkpoint_every=5",
-                                "eval.probe_epochs=1")
-    assert code == 1
-    summary = (out / "summary.md").read_text()
+    # A run killed after its last checkpoint: the checkpoint is there, metrics.json is not.
+    train(tiny_config(tmp_path, "run.name=on-seed0", "train.max_steps=10", "eval.probe_epochs=1",
+                      "eval.final_test=false"))
+    (tmp_path / "on-seed0" / "metrics.json").unlink()
+    still_running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    codes = device_session.wait_for({"on-seed0": still_running}, time.perf_counter() + 0.5)
+    assert codes == {"on-seed0": device_session.STOPPED}
+    assert still_running.poll() is not None
+
+    stopped = device_session.evaluate_stopped(tmp_path, ["on-seed0"])
+    summary = device_session.summarize_arms(["on"], tmp_path, codes, stopped)
     assert "on: no run finished" in summary
-    assert "on-seed0: stopped at the deadline; its last checkpoint (step " in summary
-    assert "test error" in summary
-    with tarfile.open(out / "runs.tar.gz") as tar:
-        stopped = json.load(tar.extractfile("runs/on-seed0/checkpoint_test.json"))
-    assert stopped["step"] >= 5 and 0 <= stopped["accuracy"] <= 1
+    assert "on-seed0: stopped at the deadline; its last checkpoint (step 10): test error" in summary
+    written = json.loads((tmp_path / "on-seed0" / device_session.STOPPED_METRICS).read_text())
+    assert written["step"] == 10 and 0 <= written["accuracy"] <= 1
 
 
 def test_device_session_refuses_a_data_root_without_mnist(tmp_path, capsys):
