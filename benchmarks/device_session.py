@@ -7,19 +7,20 @@
 1. bench_step on the device (MLP and conv, fp32 and bf16): daae's two step
    orders against the plain reference loop.
 2. One `daae train` per seed and arm (``on``: the config as it is; ``off``:
-   ``loss.decorrelation=0``), all at once on the one GPU: a launch-bound step
-   leaves the GPU idle most of the time, so concurrent runs share it well.
+   ``loss.decorrelation=0``), all at once on the one GPU: a step bound by
+   kernel launches leaves the GPU idle between them, which other runs can use
+   (not yet measured here; bench_tune measures it for trials).
    Runs still going at the deadline are stopped; their curves come back all
    the same, and their last checkpoints are evaluated on the test split.
 3. Into --out, at most 8 files, none nested deeper than the machine returns:
    summary.md (`daae summary` of each arm's finished runs, the stopped ones
-   listed), session.json (what ran, how long, exit codes), the bench_step JSONs,
+   listed), session.json (the commands, how long, exit codes), the bench_step JSON,
    and runs.tar.gz (every run's config, metrics.json, events and logs; no
    checkpoints, which are too large to bring back).
 
-Nothing here is GPU-only: on CPU with a tiny config it runs in seconds
-(tests/test_benchmarks.py), so the command is known to work before a lease
-is spent on it.
+Nothing here is GPU-only: tests/test_benchmarks.py runs it on a CPU with a
+tiny config in under a minute, so the command is known to work before a
+lease is spent on it.
 """
 from __future__ import annotations
 
