@@ -34,6 +34,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from benchmarks.common import RESULTS
 from daae.checkpoint import checkpoint_path
 from daae.config import load_config
 
@@ -58,7 +59,7 @@ def run_bench_step(out: Path, steps: int, timeout_s: float) -> dict:
         code = subprocess.run(command, cwd=ROOT, timeout=timeout_s).returncode
     except subprocess.TimeoutExpired:
         code = "timeout"
-    result = ROOT / "benchmarks" / "results" / f"{name}.json"
+    result = RESULTS / f"{name}.json"
     if result.is_file():
         shutil.copy(result, out / result.name)
     return {"command": command, "exit": code, "seconds": time.perf_counter() - started}
@@ -103,24 +104,15 @@ def wait_for(runs: dict[str, subprocess.Popen], deadline: float) -> dict[str, ob
 
 
 def evaluate_stopped(runs_dir: Path, names: list[str]) -> dict[str, dict]:
-    """Test metrics of each stopped run's last checkpoint (probes included, no
-    generation checker), written beside it as checkpoint_test.json."""
-    import torch
+    """`daae eval`'s test metrics of each stopped run's last checkpoint (no
+    generation checks), written beside it as checkpoint_test.json."""
+    from daae.evaluate import evaluate_run
 
-    from daae.evaluate import evaluate
-    from daae.runs import load_trained_run
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {}
     for name in names:
-        if not checkpoint_path(runs_dir / name).exists():
-            continue
-        run = load_trained_run(runs_dir / name, device)
-        data = run.data
-        metrics = evaluate(run.nets, data.test, data.labelled, run.config.eval, data.num_classes,
-                           device, data.train_images(), run.config.seed)
-        results[name] = {"step": int(run.state["step"]), **metrics}
-        (runs_dir / name / STOPPED_METRICS).write_text(json.dumps(results[name], indent=2) + "\n")
+        if checkpoint_path(runs_dir / name).exists():
+            results[name] = evaluate_run(runs_dir / name, generation=False)
+            (runs_dir / name / STOPPED_METRICS).write_text(json.dumps(results[name], indent=2) + "\n")
     return results
 
 
@@ -138,7 +130,7 @@ def summarize_arms(arms: list[str], runs_dir: Path, codes: dict, stopped: dict) 
             if name in stopped:
                 m = stopped[name]
                 text += (f"; its last checkpoint (step {m['step']}): test error "
-                         f"{100 * (1 - m['accuracy']):.2f} %, adversary {100 * m['adversary_accuracy']:.2f} %, "
+                         f"{100 * (1 - m['test_accuracy']):.2f} %, adversary {100 * m['adversary_accuracy']:.2f} %, "
                          f"probe {100 * m['probe_accuracy']:.2f} %")
         sections.append(text + "\n")
     return "\n".join(sections)

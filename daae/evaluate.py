@@ -152,9 +152,11 @@ def tensorboard_tags(split_name: str, metrics: dict[str, float]) -> dict[str, fl
     return {family[k]: v for k, v in metrics.items() if k in family}
 
 
-def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device=None) -> dict:
+def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device=None,
+                 generation: bool = True) -> dict:
     """``daae eval``: the metrics of a run folder's last checkpoint on one split,
-    probes included, as flat keys."""
+    probes included, as flat keys. ``generation=False`` skips the generation
+    checks, whose checker takes minutes to train the first time."""
     from .consistency import generation_consistency
     from .runs import load_trained_run
 
@@ -165,6 +167,7 @@ def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device
     metrics = evaluate(run.nets, target, data.labelled, run.config.eval, data.num_classes, device,
                        data.train_images(), run.config.seed)
     flat = {f"{split}_accuracy" if key == "accuracy" else key: value for key, value in metrics.items()}
-    flat.update(generation_consistency(run.nets, data, run.config, device))
+    if generation:
+        flat.update(generation_consistency(run.nets, data, run.config, device))
     flat.update(split=split, step=int(run.state["step"]))
     return flat

@@ -85,7 +85,7 @@ def test_device_session_stops_runs_at_the_deadline_and_evaluates_their_checkpoin
     assert "on: no run finished" in summary
     assert "on-seed0: stopped at the deadline; its last checkpoint (step 10): test error" in summary
     written = json.loads((tmp_path / "on-seed0" / device_session.STOPPED_METRICS).read_text())
-    assert written["step"] == 10 and 0 <= written["accuracy"] <= 1
+    assert written["step"] == 10 and 0 <= written["test_accuracy"] <= 1
 
 
 def test_device_session_refuses_a_data_root_without_mnist(tmp_path, capsys):
