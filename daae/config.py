@@ -33,6 +33,10 @@ class DataConfig:
     # (labelled subset) is selected on the same held-out images.
     split_seed: int = 0
     svhn_extra: bool = False
+    # Translate every training image (unlabelled and labelled, not evaluation's)
+    # by a random offset of up to this many pixels per axis, zero-filled,
+    # before the input noise; 0: none, as in the paper.
+    max_shift: int = 0
     # Only for name=synthetic: a small class-structured set for tests/smoke runs.
     synthetic_train_size: int = 3000
     synthetic_test_size: int = 500
@@ -321,6 +325,8 @@ def validate(config: Config) -> None:
                      f"{data.labels_per_class} is more than the smallest {data.name} class "
                      f"holds ({smallest}); use at most {smallest}, or null for all labels")
     _require(data.validation_size >= 1, "data.validation_size", "must be at least 1")
+    _require(0 <= data.max_shift <= 8, "data.max_shift",
+             f"must be a number of pixels from 0 (no shift) to 8, got {data.max_shift}")
     _require(data.synthetic_image_size in (28, 32), "data.synthetic_image_size", "must be 28 or 32")
     _require(data.synthetic_train_size > data.validation_size or data.name != "synthetic",
              "data.validation_size",

@@ -288,6 +288,28 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0)
 
 
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by its own offset of up to ``max_shift`` pixels along
+    each axis, filling with zeros (MNIST's background).
+
+    One gather for the whole batch rather than a slice per image: on a GPU the
+    step is bound by kernel launches, and 200 slices would cost more than the model.
+    """
+    if max_shift == 0:
+        return images
+    count, _, height, width = images.shape
+    offsets = torch.randint(-max_shift, max_shift + 1, (2, count, 1), generator=generator,
+                            device=images.device)
+    rows = torch.arange(height, device=images.device) - offsets[0]  # source row of each output row
+    cols = torch.arange(width, device=images.device) - offsets[1]
+    inside = (((rows >= 0) & (rows < height))[:, :, None]
+              & ((cols >= 0) & (cols < width))[:, None, :])
+    batch = torch.arange(count, device=images.device)[:, None, None]
+    # Indices around a slice put their broadcast shape first: (count, height, width, channels).
+    moved = images[batch, :, rows.clamp(0, height - 1)[:, :, None], cols.clamp(0, width - 1)[:, None, :]]
+    return (moved * inside[..., None]).permute(0, 3, 1, 2).contiguous()
+
+
 class DeviceBatches:
     """Random batches indexed on the device.
 

@@ -14,7 +14,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 
 from . import checkpoint, phases
 from .config import Config, ConfigError, save_config, to_dict
-from .data import DeviceBatches, load_data, to_float
+from .data import DeviceBatches, load_data, random_shift, to_float
 from .evaluate import evaluate, tensorboard_tags
 from .grids import reconstruction_grid, save_png
 from .sample import tensorboard_generation
@@ -96,6 +96,9 @@ def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: Devic
         torch.compiler.cudagraph_mark_step_begin()
     x_u = batches.unlabelled_batch(epoch, step_in_epoch)
     x_l, y_l = batches.labelled_batch(ctx.generator)
+    if config.data.max_shift:
+        x_u = random_shift(x_u, config.data.max_shift, ctx.generator)
+        x_l = random_shift(x_l, config.data.max_shift, ctx.generator)
     decorrelate = loss.decorrelation > 0 and epoch >= loss.decorrelation_start_epoch
     if config.train.step_mode == "fused":
         return phases.fused_step(ctx, optimizers["autoencoder"], optimizers["critics"], x_u, x_l,

@@ -5,7 +5,7 @@ import torch
 
 from daae.config import DataConfig
 from daae.data import (DataError, DeviceBatches, labelled_indices, load_mnist, make_synthetic,
-                       md5sum, read_idx, split, write_idx)
+                       md5sum, random_shift, read_idx, split, write_idx)
 
 NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -132,3 +132,30 @@ def test_download_writes_the_verified_file_and_leaves_nothing_on_failure(tmp_pat
         assert sorted(p.name for p in cache.iterdir()) == ["a.gz"]
     finally:
         server.shutdown()
+
+
+def _bright_pixels(images):
+    return [tuple(index[1:].tolist()) for index in images.nonzero()]
+
+
+def test_random_shift_moves_each_image_by_its_own_offset_within_the_limit():
+    images = torch.zeros(400, 3, 28, 28)
+    images[:, :, 14, 10] = 1.0  # one bright pixel, the same in every channel
+    shifted = random_shift(images, 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape
+    offsets = set()
+    for image in shifted:
+        (row, col), *_ = {pixel[1:] for pixel in _bright_pixels(image[None])}
+        assert torch.equal(image[:, row, col], torch.ones(3)) and image.sum() == 3
+        offsets.add((row - 14, col - 10))
+    assert offsets == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+
+
+def test_random_shift_fills_with_zeros_and_never_wraps_around():
+    images = torch.zeros(300, 1, 28, 28)
+    images[:, :, 0, 0] = 1.0  # in the corner: shifted up or left, it must leave the image
+    shifted = random_shift(images, 3, torch.Generator().manual_seed(1))
+    kept = [pixel for image in shifted for pixel in _bright_pixels(image[None])]
+    assert all(0 <= row <= 3 and 0 <= col <= 3 for _, row, col in kept)
+    assert 0 < len(kept) < len(images)  # some moved inward, some out of the frame
+    assert torch.equal(random_shift(images, 0, torch.Generator()), images)
