@@ -290,7 +290,7 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each image by its own offset of up to ``max_shift`` pixels along
-    each axis, filling with zeros (MNIST's background).
+    each axis, filling with zeros (MNIST's background; a black border on SVHN).
 
     One gather for the whole batch rather than a slice per image: on a GPU the
     step is bound by kernel launches, and 200 slices would cost more than the model.

@@ -134,8 +134,9 @@ def test_download_writes_the_verified_file_and_leaves_nothing_on_failure(tmp_pat
         server.shutdown()
 
 
-def _bright_pixels(images):
-    return [tuple(index[1:].tolist()) for index in images.nonzero()]
+def _bright_pixels(image):
+    """(row, col) of every lit pixel of a (channels, height, width) image."""
+    return {(row, col) for _, row, col in image.nonzero().tolist()}
 
 
 def test_random_shift_moves_each_image_by_its_own_offset_within_the_limit():
@@ -145,7 +146,7 @@ def test_random_shift_moves_each_image_by_its_own_offset_within_the_limit():
     assert shifted.shape == images.shape
     offsets = set()
     for image in shifted:
-        (row, col), *_ = {pixel[1:] for pixel in _bright_pixels(image[None])}
+        [(row, col)] = _bright_pixels(image)
         assert torch.equal(image[:, row, col], torch.ones(3)) and image.sum() == 3
         offsets.add((row - 14, col - 10))
     assert offsets == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
@@ -155,7 +156,7 @@ def test_random_shift_fills_with_zeros_and_never_wraps_around():
     images = torch.zeros(300, 1, 28, 28)
     images[:, :, 0, 0] = 1.0  # in the corner: shifted up or left, it must leave the image
     shifted = random_shift(images, 3, torch.Generator().manual_seed(1))
-    kept = [pixel for image in shifted for pixel in _bright_pixels(image[None])]
-    assert all(0 <= row <= 3 and 0 <= col <= 3 for _, row, col in kept)
+    kept = [pixel for image in shifted for pixel in _bright_pixels(image)]
+    assert all(0 <= row <= 3 and 0 <= col <= 3 for row, col in kept)
     assert 0 < len(kept) < len(images)  # some moved inward, some out of the frame
     assert torch.equal(random_shift(images, 0, torch.Generator()), images)
