@@ -96,9 +96,8 @@ def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: Devic
         torch.compiler.cudagraph_mark_step_begin()
     x_u = batches.unlabelled_batch(epoch, step_in_epoch)
     x_l, y_l = batches.labelled_batch(ctx.generator)
-    if config.data.max_shift:
-        x_u = random_shift(x_u, config.data.max_shift, ctx.generator)
-        x_l = random_shift(x_l, config.data.max_shift, ctx.generator)
+    x_u = random_shift(x_u, config.data.max_shift, ctx.generator)
+    x_l = random_shift(x_l, config.data.max_shift, ctx.generator)
     decorrelate = loss.decorrelation > 0 and epoch >= loss.decorrelation_start_epoch
     if config.train.step_mode == "fused":
         return phases.fused_step(ctx, optimizers["autoencoder"], optimizers["critics"], x_u, x_l,
