@@ -89,6 +89,12 @@ class LossConfig:
     decorrelation_objective: str = "maximize_ce"  # maximize_ce | uniform
     decorrelation_start_epoch: int = 1
     correlation_target: str = "soft"  # soft: q(y|x); hard: its argmax
+    # What C and the decorrelation read z from. training: the training inputs
+    # (shifted, noisy), as the reference does; clean: the unaltered unlabelled
+    # images, which is what the probes and every user of z see. Shifts and
+    # noise move z off the clean images' codes, and a z decorrelated only
+    # there can still carry the class on clean images.
+    correlation_input: str = "training"  # training | clean
 
 
 @dataclass
@@ -135,6 +141,7 @@ CHOICES = {
     "train.compile": ("no", "default", "reduce-overhead", "max-autotune"),
     "loss.decorrelation_objective": ("maximize_ce", "uniform"),
     "loss.correlation_target": ("soft", "hard"),
+    "loss.correlation_input": ("training", "clean"),
 }
 CLASS_SIZES = {"mnist": 5421, "svhn": 4659}  # smallest class of each training set
 

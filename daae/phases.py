@@ -161,9 +161,11 @@ def supervised_phase(ctx: StepContext, optimizer, x: torch.Tensor, labels: torch
     return {"supervised": loss.detach()}
 
 
-def correlation_phase(ctx: StepContext, optimizer, x: torch.Tensor, target_kind: str):
+def correlation_phase(ctx: StepContext, optimizer, x: torch.Tensor, target_kind: str,
+                      clean: bool = False):
+    """``clean``: encode ``x`` as it is, without the input noise."""
     with torch.no_grad(), ctx.accelerator.autocast():
-        logits_y, z = ctx.plain.encoder(ctx.noisy(x))
+        logits_y, z = ctx.plain.encoder(x if clean else ctx.noisy(x))
     targets = correlation_targets(logits_y, target_kind)
     with ctx.accelerator.autocast():
         logits_c = ctx.wrapped["correlation"](z.float())
@@ -173,9 +175,9 @@ def correlation_phase(ctx: StepContext, optimizer, x: torch.Tensor, target_kind:
 
 
 def decorrelation_phase(ctx: StepContext, optimizer, x: torch.Tensor, weight: float,
-                        objective: str, target_kind: str):
+                        objective: str, target_kind: str, clean: bool = False):
     with frozen(ctx.plain.correlation), ctx.accelerator.autocast():
-        logits_y, z = ctx.wrapped["encoder"](ctx.noisy(x))
+        logits_y, z = ctx.wrapped["encoder"](x if clean else ctx.noisy(x))
         logits_c = ctx.plain.correlation(z)
     loss = decorrelation_loss(logits_c, correlation_targets(logits_y, target_kind), objective)
     ctx.step(optimizer, weight * loss)
@@ -210,7 +212,8 @@ def _loss_scale(ctx: StepContext) -> float:
 
 def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
                x_u: torch.Tensor, x_l: torch.Tensor, y_l: torch.Tensor, weights,
-               decorrelate: bool, objective: str, target_kind: str):
+               decorrelate: bool, objective: str, target_kind: str,
+               x_clean: torch.Tensor | None = None):
     """All eight losses from one encoder forward over [x_u; x_l] and one pass
     through each critic.
 
@@ -219,15 +222,23 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     to fool them; the encoder and decoder then take one step on their losses
     plus those code gradients. Critic and encoder are judged by the same
     (pre-update) critics: simultaneous rather than alternating updates.
+    With ``x_clean``, C and the decorrelation read the codes of those images,
+    encoded without noise in the same forward (DDP allows one per backward;
+    batch norm then normalises over all three parts).
     """
-    n = len(x_u)
+    n, n_l = len(x_u), len(x_l)
+    inputs = ctx.noisy(torch.cat([x_u, x_l]))
+    if x_clean is not None:
+        inputs = torch.cat([inputs, x_clean])
     with ctx.accelerator.autocast():
-        logits_all, z_all = ctx.wrapped["encoder"](ctx.noisy(torch.cat([x_u, x_l])))
-    logits_y, z, logits_l = logits_all[:n].float(), z_all[:n].float(), logits_all[n:].float()
+        logits_all, z_all = ctx.wrapped["encoder"](inputs)
+    logits_y, z, logits_l = logits_all[:n].float(), z_all[:n].float(), logits_all[n:n + n_l].float()
     q = logits_y.softmax(1)
-    targets = correlation_targets(logits_y, target_kind)
+    logits_c_input, z_c_input = ((logits_y, z) if x_clean is None
+                                 else (logits_all[n + n_l:].float(), z_all[n + n_l:].float()))
+    targets = correlation_targets(logits_c_input, target_kind)
 
-    z_at_dz, q_at_dy, z_at_c = (code.detach().requires_grad_() for code in (z, q, z))
+    z_at_dz, q_at_dy, z_at_c = (code.detach().requires_grad_() for code in (z, q, z_c_input))
     real_z, (real_y, counts_y) = ctx.prior_z(n, z.device), ctx.prior_y(n, z.device)
     with ctx.accelerator.autocast():
         dz_logits = _real_fake_logits(ctx.wrapped["d_z"], real_z, z_at_dz)
@@ -251,11 +262,15 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
 
     grad_z = weights.adversarial_z * _fooling_gradient(z_at_dz.grad / scale, fake_dz, 2 * n)
     grad_q = weights.adversarial_y * _fooling_gradient(q_at_dy.grad / scale, fake_dy, 2 * n)
+    grad_z_clean = None
     if decorrelate:
         # maximize_ce is C's own loss negated, so its gradient is C's, reversed.
-        grad_decorrelation = (-z_at_c.grad / scale if objective == "maximize_ce"
-                              else grad_decorrelation)
-        grad_z = grad_z + weights.decorrelation * grad_decorrelation
+        grad_decorrelation = weights.decorrelation * (
+            -z_at_c.grad / scale if objective == "maximize_ce" else grad_decorrelation)
+        if x_clean is None:
+            grad_z = grad_z + grad_decorrelation
+        else:
+            grad_z_clean = grad_decorrelation
 
     with ctx.accelerator.autocast():
         x_hat = ctx.wrapped["decoder"](q, z)
@@ -265,5 +280,7 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     total = (weights.reconstruction * losses["reconstruction"]
              + weights.supervised * losses["supervised"]
              + (z * grad_z).sum() + (q * grad_q).sum())
+    if grad_z_clean is not None:
+        total = total + (z_c_input * grad_z_clean).sum()
     ctx.step(autoencoder_optimizer, total)
     return {name: value.detach() for name, value in losses.items()}

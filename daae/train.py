@@ -96,13 +96,17 @@ def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: Devic
         torch.compiler.cudagraph_mark_step_begin()
     x_u = batches.unlabelled_batch(epoch, step_in_epoch)
     x_l, y_l = batches.labelled_batch(ctx.generator)
+    # The unshifted batch, kept when C and the decorrelation read clean images.
+    clean = loss.correlation_input == "clean"
+    x_clean = x_u if clean else None
     x_u = random_shift(x_u, config.data.max_shift, ctx.generator)
     x_l = random_shift(x_l, config.data.max_shift, ctx.generator)
+    x_c = x_clean if clean else x_u
     decorrelate = loss.decorrelation > 0 and epoch >= loss.decorrelation_start_epoch
     if config.train.step_mode == "fused":
         return phases.fused_step(ctx, optimizers["autoencoder"], optimizers["critics"], x_u, x_l,
                                  y_l, loss, decorrelate, loss.decorrelation_objective,
-                                 loss.correlation_target)
+                                 loss.correlation_target, x_clean)
     out = {}
     if loss.reconstruction > 0:
         out |= phases.reconstruction_phase(ctx, optimizers["reconstruction"], x_u, loss.reconstruction)
@@ -113,10 +117,12 @@ def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: Devic
         out |= phases.adversarial_y_phase(ctx, optimizers["adversarial_y"], x_u, loss.adversarial_y)
     if loss.supervised > 0:
         out |= phases.supervised_phase(ctx, optimizers["supervised"], x_l, y_l, loss.supervised)
-    out |= phases.correlation_phase(ctx, optimizers["correlation"], x_u, loss.correlation_target)
+    out |= phases.correlation_phase(ctx, optimizers["correlation"], x_c, loss.correlation_target,
+                                    clean)
     if decorrelate:
-        out |= phases.decorrelation_phase(ctx, optimizers["decorrelation"], x_u, loss.decorrelation,
-                                          loss.decorrelation_objective, loss.correlation_target)
+        out |= phases.decorrelation_phase(ctx, optimizers["decorrelation"], x_c, loss.decorrelation,
+                                          loss.decorrelation_objective, loss.correlation_target,
+                                          clean)
     return out
 
 

@@ -42,6 +42,7 @@ def test_saved_config_round_trips(tmp_path):
     ("train.lr_milestones=[50, 20]", "train.lr_milestones"),
     ("train.mixed_precision=fp8", "train.mixed_precision"),
     ("data.max_shift=-2", "data.max_shift"),
+    ("loss.correlation_input=noisy", "loss.correlation_input"),
 ])
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):

@@ -14,18 +14,24 @@ from daae.train import make_accelerator, prepare_training
 from conftest import tiny_config
 
 
-def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, objective):
+def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, objective,
+                        x_clean=None):
     """Every loss written out on copies of the networks taken before the step,
     with the same random draws: one-hot prior samples, each critic called
-    twice (detached codes for its own loss, live codes for the encoder's)."""
+    twice (detached codes for its own loss, live codes for the encoder's).
+    With ``x_clean``, C and the decorrelation read those images' codes."""
     generator = torch.Generator().set_state(ctx_generator_state)
-    n = len(x_u)
+    n, n_l = len(x_u), len(x_l)
     x = torch.cat([x_u, x_l])
     noisy = x + ctx.input_noise * torch.randn(x.shape, generator=generator)
+    if x_clean is not None:
+        noisy = torch.cat([noisy, x_clean])
     logits_all, z_all = nets.encoder(noisy)
-    logits_y, z, logits_l = logits_all[:n], z_all[:n], logits_all[n:]
+    logits_y, z, logits_l = logits_all[:n], z_all[:n], logits_all[n:n + n_l]
     q = logits_y.softmax(1)
-    targets = q.detach()
+    logits_c_input, z_c_input = ((logits_y, z) if x_clean is None
+                                 else (logits_all[n + n_l:], z_all[n + n_l:]))
+    targets = logits_c_input.softmax(1).detach()
     prior_z = torch.randn(n, ctx.z_dim, generator=generator)
     labels = torch.randint(ctx.num_classes, (n,), generator=generator)
     prior_y = F.one_hot(labels, ctx.num_classes).float()
@@ -34,11 +40,11 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
     real, fake = torch.ones(n), torch.zeros(n)
     critic_loss = (bce(nets.d_z(torch.cat([prior_z, z.detach()])).squeeze(1), torch.cat([real, fake]))
                    + bce(nets.d_y(torch.cat([prior_y, q.detach()])).squeeze(1), torch.cat([real, fake]))
-                   + F.cross_entropy(nets.correlation(z.detach()), targets))
+                   + F.cross_entropy(nets.correlation(z_c_input.detach()), targets))
     critics = [*nets.d_z.parameters(), *nets.d_y.parameters(), *nets.correlation.parameters()]
     critic_grads = torch.autograd.grad(critic_loss, critics)
 
-    c_logits = nets.correlation(z)
+    c_logits = nets.correlation(z_c_input)
     if objective == "maximize_ce":
         decorrelation = -F.cross_entropy(c_logits, targets)
     else:
@@ -53,22 +59,27 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
     return critic_grads, torch.autograd.grad(autoencoder_loss, autoencoder)
 
 
-@pytest.mark.parametrize("objective", ["maximize_ce", "uniform"])
-def test_fused_step_gradients_equal_the_plainly_computed_ones(tmp_path, objective):
+@pytest.mark.parametrize("objective,correlation_input", [
+    ("maximize_ce", "training"), ("uniform", "training"), ("maximize_ce", "clean"),
+    ("uniform", "clean")])
+def test_fused_step_gradients_equal_the_plainly_computed_ones(tmp_path, objective,
+                                                              correlation_input):
     config = tiny_config(tmp_path, "train.step_mode=fused", f"loss.decorrelation_objective={objective}",
                          "loss.adversarial_z=0.7", "loss.adversarial_y=1.3", "loss.decorrelation=0.9")
     data = load_data(config.data, config.seed)
     setup = prepare_training(config, make_accelerator("no"), data)
     x_u = data.unlabelled.images[:32].float() / 255
     x_l, y_l = data.labelled.images[:20].float() / 255, data.labelled.labels[:20]
+    # Clean images other than x_u, so that reading the wrong rows shows.
+    x_clean = data.unlabelled.images[32:64].float() / 255 if correlation_input == "clean" else None
     before = copy.deepcopy(setup.nets)
     state = setup.generator.get_state()
 
     phases.fused_step(setup.ctx, setup.optimizers["autoencoder"], setup.optimizers["critics"],
-                      x_u, x_l, y_l, config.loss, True, objective, "soft")
+                      x_u, x_l, y_l, config.loss, True, objective, "soft", x_clean)
 
     critic_grads, autoencoder_grads = _explicit_gradients(before, state, setup.ctx, x_u, x_l, y_l,
-                                                          config.loss, objective)
+                                                          config.loss, objective, x_clean)
     nets = setup.nets
     critics = [*nets.d_z.parameters(), *nets.d_y.parameters(), *nets.correlation.parameters()]
     autoencoder = [*nets.encoder.parameters(), *nets.decoder.parameters()]
@@ -85,3 +96,23 @@ def test_fooling_gradient_stays_finite_for_a_certain_critic():
     assert torch.isfinite(grad).all()
     expected = (torch.sigmoid(logits) - 1)[:, None] * torch.ones(4, 3) / 4
     torch.testing.assert_close(grad[1:], expected[1:])
+
+
+@pytest.mark.parametrize("clean", [False, True])
+def test_reference_correlation_phases_encode_clean_images_without_noise(tmp_path, clean):
+    config = tiny_config(tmp_path, "loss.decorrelation=0.9")
+    data = load_data(config.data, config.seed)
+    setup = prepare_training(config, make_accelerator("no"), data)
+    x = data.unlabelled.images[:32].float() / 255
+    before = copy.deepcopy(setup.nets)
+    generator = torch.Generator().set_state(setup.generator.get_state())
+    encoded = x if clean else x + setup.ctx.input_noise * torch.randn(x.shape, generator=generator)
+
+    phases.decorrelation_phase(setup.ctx, setup.optimizers["decorrelation"], x, 0.9,
+                               "maximize_ce", "soft", clean)
+
+    logits_y, z = before.encoder(encoded)
+    loss = -0.9 * F.cross_entropy(before.correlation(z), logits_y.softmax(1).detach())
+    expected = torch.autograd.grad(loss, list(before.encoder.z_branch_parameters()))
+    for param, grad in zip(setup.nets.encoder.z_branch_parameters(), expected):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
