@@ -262,15 +262,12 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
 
     grad_z = weights.adversarial_z * _fooling_gradient(z_at_dz.grad / scale, fake_dz, 2 * n)
     grad_q = weights.adversarial_y * _fooling_gradient(q_at_dy.grad / scale, fake_dy, 2 * n)
-    grad_z_clean = None
     if decorrelate:
         # maximize_ce is C's own loss negated, so its gradient is C's, reversed.
         grad_decorrelation = weights.decorrelation * (
             -z_at_c.grad / scale if objective == "maximize_ce" else grad_decorrelation)
         if x_clean is None:
             grad_z = grad_z + grad_decorrelation
-        else:
-            grad_z_clean = grad_decorrelation
 
     with ctx.accelerator.autocast():
         x_hat = ctx.wrapped["decoder"](q, z)
@@ -280,7 +277,8 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     total = (weights.reconstruction * losses["reconstruction"]
              + weights.supervised * losses["supervised"]
              + (z * grad_z).sum() + (q * grad_q).sum())
-    if grad_z_clean is not None:
-        total = total + (z_c_input * grad_z_clean).sum()
+    if decorrelate and x_clean is not None:
+        # The clean rows feed only C: their gradient is a surrogate of its own.
+        total = total + (z_c_input * grad_decorrelation).sum()
     ctx.step(autoencoder_optimizer, total)
     return {name: value.detach() for name, value in losses.items()}
