@@ -73,6 +73,9 @@ class TrainConfig:
     # torch.compile the networks each step trains: no | default | reduce-overhead
     # (adds CUDA graphs, for a GPU step bound by kernel launches) | max-autotune.
     compile: str = "no"
+    # Conv model only: weights and activations in channels-last (NHWC) layout,
+    # which oneDNN and cuDNN convolve without reordering every layer's input.
+    channels_last: bool = True
     # Each reference phase has its own Adam, which is invariant to the scale of
     # its loss; scaling the phase's learning rate by its weight (as the
     # reference does for decorrelation) is what makes the weights matter.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CONV_CHANNELS = (16, 16, 32, 32, 64, 64, 128)
@@ -76,9 +77,34 @@ class MLPDecoderBody(nn.Module):
         return self.net(code).view(-1, *self.image_shape)
 
 
-def _conv_block(n_in: int, n_out: int, transposed: bool = False, output_padding: int = 0):
-    conv = (nn.ConvTranspose2d(n_in, n_out, 3, 2, 1, output_padding=output_padding, bias=False)
-            if transposed else nn.Conv2d(n_in, n_out, 3, 2, 1, bias=False))
+class CentreTapConv2d(nn.Conv2d):
+    """A stride-2, padding-1, 3x3 convolution of a 1x1 map: every tap but the
+    centre reads padding, so it is a matrix multiply by the centre tap. The
+    full convolution computes (and differentiates) nine taps to use one; the
+    weight keeps its 3x3 shape, so state dicts and the other taps' zero
+    gradients are those of the plain layer."""
+
+    def forward(self, x):
+        return F.linear(x.flatten(1), self.weight[:, :, 1, 1], self.bias)[:, :, None, None]
+
+
+class CentreTapConvTranspose2d(nn.ConvTranspose2d):
+    """The transposed twin of CentreTapConv2d: 1x1 in, 1x1 out (no output padding)."""
+
+    def forward(self, x, output_size=None):
+        return F.linear(x.flatten(1), self.weight[:, :, 1, 1].t(), self.bias)[:, :, None, None]
+
+
+def _conv_block(n_in: int, n_out: int, size_in: int, transposed: bool = False,
+                output_padding: int = 0):
+    """A stride-2 3x3 (transposed) convolution, batch norm and ReLU; ``size_in``
+    is the side of the input map, so layers on a 1x1 map use the centre tap."""
+    pointwise = size_in == 1 and output_padding == 0
+    if transposed:
+        kind = CentreTapConvTranspose2d if pointwise else nn.ConvTranspose2d
+        conv = kind(n_in, n_out, 3, 2, 1, output_padding=output_padding, bias=False)
+    else:
+        conv = (CentreTapConv2d if pointwise else nn.Conv2d)(n_in, n_out, 3, 2, 1, bias=False)
     return [conv, nn.BatchNorm2d(n_out), nn.ReLU(inplace=True)]
 
 
@@ -86,10 +112,11 @@ class ConvEncoderTrunk(nn.Module):
     def __init__(self, image_shape: tuple[int, int, int], scale: float):
         super().__init__()
         channels = [image_shape[0]] + [max(1, round(c * scale)) for c in CONV_CHANNELS]
+        sizes = _conv_sizes(image_shape[1], len(CONV_CHANNELS))
         layers = []
-        for n_in, n_out in zip(channels[:-1], channels[1:]):
-            layers += _conv_block(n_in, n_out)
-        final = _conv_sizes(image_shape[1], len(CONV_CHANNELS))[-1]
+        for n_in, n_out, size_in in zip(channels[:-1], channels[1:], sizes):
+            layers += _conv_block(n_in, n_out, size_in)
+        final = sizes[-1]
         self.convs = nn.Sequential(*layers)
         self.dense = nn.Sequential(*_dense(channels[-1] * final * final, DENSE_UNITS))
 
@@ -111,7 +138,7 @@ class ConvDecoderBody(nn.Module):
         for i in range(len(CONV_CHANNELS), 0, -1):
             output_padding = sizes[i - 1] - (2 * sizes[i] - 1)
             if i > 1:
-                layers += _conv_block(channels[i], channels[i - 1], True, output_padding)
+                layers += _conv_block(channels[i], channels[i - 1], sizes[i], True, output_padding)
             else:  # the image layer: no norm, no activation (the decoder applies sigmoid)
                 layers.append(nn.ConvTranspose2d(channels[1], channels[0], 3, 2, 1,
                                                  output_padding=output_padding))

@@ -259,6 +259,8 @@ def prepare_training(config: Config, accelerator: Accelerator, data) -> Training
     device = accelerator.device
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     nets = build_networks(config, data.image_shape, data.num_classes).to(device)
+    if config.model.kind == "conv" and config.train.channels_last:
+        nets.to(memory_format=torch.channels_last)  # 4-d weights only: the critics stay as they are
     optimizers = build_optimizers(nets, config)
     prepared = accelerator.prepare(*(getattr(nets, name) for name in NETWORK_ORDER),
                                    *optimizers.values())

@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from daae.config import load_config
 
@@ -27,3 +28,20 @@ def mnist_dir():
     if path is None:
         pytest.skip("real MNIST not found (set DAAE_DATA_DIR or provide ../shared/data/mnist)")
     return path
+
+
+def first_gradients_and_losses(config, data, steps):
+    """Train ``steps`` iterations from scratch: the gradients left by the first
+    (each network's last phase), every iteration's losses, and the setup."""
+    from daae.train import make_accelerator, prepare_training, training_iteration
+
+    torch._dynamo.reset()  # compile afresh: no compiled code from earlier tests
+    setup = prepare_training(config, make_accelerator("no"), data)
+    history, gradients = [], None
+    for step in range(steps):
+        losses = training_iteration(setup.ctx, setup.optimizers, setup.batches, 1, step, config)
+        history.append({name: float(value) for name, value in losses.items()})
+        if step == 0:
+            gradients = {name: p.grad.clone() for name, p in setup.nets.named_parameters()
+                         if p.grad is not None}
+    return gradients, history, setup

@@ -3,24 +3,8 @@ import pytest
 import torch
 
 from daae.data import load_data
-from daae.train import make_accelerator, prepare_training, training_iteration
 
-from conftest import tiny_config
-
-
-def _first_gradients_and_losses(config, data, steps):
-    """The gradients left by the first iteration (each network's last phase),
-    and every iteration's losses."""
-    torch._dynamo.reset()  # compile afresh: no compiled code from earlier tests
-    setup = prepare_training(config, make_accelerator("no"), data)
-    history, gradients = [], None
-    for step in range(steps):
-        losses = training_iteration(setup.ctx, setup.optimizers, setup.batches, 1, step, config)
-        history.append({name: float(value) for name, value in losses.items()})
-        if step == 0:
-            gradients = {name: p.grad.clone() for name, p in setup.nets.named_parameters()
-                         if p.grad is not None}
-    return gradients, history, setup
+from conftest import first_gradients_and_losses, tiny_config
 
 
 @pytest.mark.parametrize("step_mode", ["fused", "reference"])
@@ -29,8 +13,8 @@ def test_compiled_step_trains_like_the_eager_one(tmp_path, step_mode):
     compiled_config = tiny_config(tmp_path, f"train.step_mode={step_mode}", "train.compile=default")
     data = load_data(eager_config.data, eager_config.seed)
 
-    eager_grads, eager_losses, _ = _first_gradients_and_losses(eager_config, data, 3)
-    compiled_grads, compiled_losses, compiled = _first_gradients_and_losses(compiled_config, data, 3)
+    eager_grads, eager_losses, _ = first_gradients_and_losses(eager_config, data, 3)
+    compiled_grads, compiled_losses, compiled = first_gradients_and_losses(compiled_config, data, 3)
 
     assert type(compiled.ctx.wrapped["encoder"]).__name__ == "OptimizedModule"
     assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 0

@@ -1,0 +1,82 @@
+"""The conv model's speed levers change how it computes, never what."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from daae.data import load_data
+from daae.models import CentreTapConv2d, CentreTapConvTranspose2d, Networks
+
+from conftest import first_gradients_and_losses, tiny_config
+
+
+def _with_plain_convolutions(nets: Networks) -> Networks:
+    """A copy whose centre-tap layers are the plain convolutions they stand for."""
+    plain = copy.deepcopy(nets)
+    for module in plain.modules():
+        if isinstance(module, CentreTapConvTranspose2d):
+            module.__class__ = nn.ConvTranspose2d
+        elif isinstance(module, CentreTapConv2d):
+            module.__class__ = nn.Conv2d
+    return plain
+
+
+@pytest.mark.parametrize("image_shape", [(1, 28, 28), (3, 32, 32)])
+def test_centre_tap_layers_compute_what_the_plain_convolutions_do(image_shape):
+    torch.manual_seed(0)
+    nets = Networks("conv", image_shape, 10, 4, 0.5, 16).double()
+    kinds = {type(m) for m in nets.modules()}
+    assert {CentreTapConv2d, CentreTapConvTranspose2d} <= kinds  # the 1x1 maps use them
+    plain = _with_plain_convolutions(nets)
+    assert not {CentreTapConv2d, CentreTapConvTranspose2d} & {type(m) for m in plain.modules()}
+
+    x = torch.rand(6, *image_shape, dtype=torch.float64)
+    results = []
+    for model in (nets, plain):
+        logits, z = model.encoder(x)
+        x_hat = model.decoder(torch.softmax(logits, 1), z)
+        (x_hat.square().mean() + logits.square().mean() + z.square().mean()).backward()
+        results.append((x_hat, {name: p.grad for name, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, msg=lambda m: f"{name}: {m}")
+    # The taps that read padding get exactly the zero gradient the plain layer gives them.
+    for name, module in nets.named_modules():
+        if isinstance(module, (CentreTapConv2d, CentreTapConvTranspose2d)):
+            off_centre = module.weight.grad.clone()
+            off_centre[:, :, 1, 1] = 0
+            assert torch.count_nonzero(off_centre) == 0, name
+
+
+def test_conv_state_dicts_load_into_plain_and_centre_tap_models_alike():
+    torch.manual_seed(0)
+    nets = Networks("conv", (1, 28, 28), 10, 4, 0.5, 16)
+    plain = _with_plain_convolutions(nets)
+    fresh = Networks("conv", (1, 28, 28), 10, 4, 0.5, 16)
+    fresh.load_state_dict(plain.state_dict())  # strict: same keys and shapes
+    for name, tensor in nets.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("step_mode", ["fused", "reference"])
+def test_channels_last_layout_trains_like_the_default_one(tmp_path, step_mode):
+    conv = ["model.kind=conv", "model.scale=0.25", f"train.step_mode={step_mode}"]
+    nchw_config = tiny_config(tmp_path, *conv, "train.channels_last=false")
+    nhwc_config = tiny_config(tmp_path, *conv, "train.channels_last=true")
+    data = load_data(nchw_config.data, nchw_config.seed)
+
+    nchw_grads, nchw_losses, nchw = first_gradients_and_losses(nchw_config, data, 3)
+    nhwc_grads, nhwc_losses, nhwc = first_gradients_and_losses(nhwc_config, data, 3)
+
+    first_conv = nhwc.nets.encoder.trunk.convs[0].weight
+    assert first_conv.is_contiguous(memory_format=torch.channels_last) and first_conv.stride()[1] == 1
+    assert nchw.nets.encoder.trunk.convs[3].weight.is_contiguous()
+    assert nhwc_grads.keys() == nchw_grads.keys() and len(nchw_grads) > 0
+    for name, expected in nchw_grads.items():
+        # Another summation order: float rounding, nothing more.
+        torch.testing.assert_close(nhwc_grads[name], expected, rtol=1e-3, atol=1e-5,
+                                   msg=lambda message: f"{name}: {message}")
+    for nchw_step, nhwc_step in zip(nchw_losses, nhwc_losses):
+        for name in nchw_step:
+            assert nhwc_step[name] == pytest.approx(nchw_step[name], rel=1e-3), name
