@@ -66,9 +66,10 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     mixed_precision: str = "no"  # no | bf16 | fp16
-    # reference: six phases, each its own forward and optimizer step, in
-    # DESIGN.md order; fused: one encoder forward and one pass through each
-    # critic feed every loss, then one critic step and one encoder/decoder step.
+    # reference: six phases (seven with loss.consistency), each its own forward
+    # and optimizer step, in DESIGN.md order; fused: one encoder forward and one
+    # pass through each critic feed every loss, then one critic step and one
+    # encoder/decoder step.
     step_mode: str = "reference"  # reference | fused
     # torch.compile the networks each step trains: no | default | reduce-overhead
     # (adds CUDA graphs, for a GPU step bound by kernel launches) | max-autotune.
@@ -98,6 +99,14 @@ class LossConfig:
     # noise move z off the clean images' codes, and a z decorrelated only
     # there can still carry the class on clean images.
     correlation_input: str = "training"  # training | clean
+    # Consistency (not in the paper; the Pi-model's and UDA's term): pull q(y|x)
+    # of each shifted, noisy unlabelled image toward q(y|x) of the same image
+    # unaltered, a target held fixed, by KL(q_clean || q_training). Through a
+    # saturated softmax the reconstruction's and D_y's gradients vanish, so a
+    # confident encoding never moves; this term's gradient on the logits is
+    # q_training - q_clean, which does not vanish where the two views disagree.
+    # 0: off. Needs views that differ: data.max_shift or model.input_noise > 0.
+    consistency: float = 0.0
 
 
 @dataclass
@@ -357,9 +366,14 @@ def validate(config: Config) -> None:
     _require(0 < train.lr_decay <= 1, "train.lr_decay", "must be in (0, 1]")
     _require(0 <= train.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
     _require(0 <= train.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
-    for name in ("reconstruction", "adversarial_z", "adversarial_y", "supervised", "decorrelation"):
+    for name in ("reconstruction", "adversarial_z", "adversarial_y", "supervised", "decorrelation",
+                 "consistency"):
         _require(getattr(loss, name) >= 0, f"loss.{name}",
                  f"must be 0 or more (0 turns the phase off), got {getattr(loss, name)}")
+    _require(loss.consistency == 0 or data.max_shift > 0 or model.input_noise > 0,
+             "loss.consistency", "compares the training inputs with the unaltered images, which "
+             "are the same without shifts or noise: set data.max_shift or model.input_noise above "
+             "0, or loss.consistency to 0")
     _require(loss.decorrelation_start_epoch >= 0, "loss.decorrelation_start_epoch", "must be 0 or more")
     for name in ("probe_hidden", "probe_epochs", "probe_train_size", "probe_batch_size", "batch_size"):
         _require(getattr(config.eval, name) >= 1, f"eval.{name}", "must be at least 1")

@@ -112,6 +112,14 @@ def decorrelation_loss(correlation_logits: torch.Tensor, targets: torch.Tensor,
     return -log_probs.mean(1).mean() - math.log(logits.shape[1])
 
 
+def consistency_loss(logits_training: torch.Tensor, logits_clean: torch.Tensor) -> torch.Tensor:
+    """KL(q_clean || q_training): the unaltered images' q(y|x) is the target,
+    held fixed, so only the training inputs' predictions move."""
+    return F.kl_div(logits_training.float().log_softmax(1),
+                    logits_clean.detach().float().log_softmax(1),
+                    log_target=True, reduction="batchmean")
+
+
 # -------------------------------------------------------------- reference phases
 
 def reconstruction_phase(ctx: StepContext, optimizer, x: torch.Tensor, weight: float):
@@ -159,6 +167,17 @@ def supervised_phase(ctx: StepContext, optimizer, x: torch.Tensor, labels: torch
     loss = F.cross_entropy(logits_y.float(), labels)
     ctx.step(optimizer, weight * loss)
     return {"supervised": loss.detach()}
+
+
+def consistency_phase(ctx: StepContext, optimizer, x: torch.Tensor, x_clean: torch.Tensor,
+                      weight: float):
+    """``x``: the training inputs (before noise), ``x_clean`` the same images
+    unaltered; both in one forward, so batch norm sees them as the fused step does."""
+    with ctx.accelerator.autocast():
+        logits_y, _ = ctx.wrapped["encoder"](torch.cat([ctx.noisy(x), x_clean]))
+    loss = consistency_loss(logits_y[:len(x)], logits_y[len(x):])
+    ctx.step(optimizer, weight * loss)
+    return {"consistency": loss.detach()}
 
 
 def correlation_phase(ctx: StepContext, optimizer, x: torch.Tensor, target_kind: str,
@@ -214,7 +233,7 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
                x_u: torch.Tensor, x_l: torch.Tensor, y_l: torch.Tensor, weights,
                decorrelate: bool, objective: str, target_kind: str,
                x_clean: torch.Tensor | None = None):
-    """All eight losses from one encoder forward over [x_u; x_l] and one pass
+    """Every loss from one encoder forward over [x_u; x_l] and one pass
     through each critic.
 
     The critics see leaf copies of the codes, so their single backward yields
@@ -222,10 +241,16 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     to fool them; the encoder and decoder then take one step on their losses
     plus those code gradients. Critic and encoder are judged by the same
     (pre-update) critics: simultaneous rather than alternating updates.
-    With ``x_clean``, C and the decorrelation read the codes of those images,
-    encoded without noise in the same forward (DDP allows one per backward;
-    batch norm then normalises over all three parts).
+    ``x_clean``, the unlabelled images unaltered, is encoded without noise in
+    the same forward (DDP allows one per backward; batch norm then normalises
+    over all three parts) when C and the decorrelation read its codes
+    (``weights.correlation_input`` clean) or the consistency term needs its
+    targets; None when neither does.
     """
+    on_clean = weights.correlation_input == "clean"
+    if x_clean is None and (on_clean or weights.consistency > 0):
+        raise ValueError("fused_step: loss.correlation_input=clean or loss.consistency > 0 "
+                         "reads the unaltered unlabelled images; pass them as x_clean")
     n, n_l = len(x_u), len(x_l)
     inputs = ctx.noisy(torch.cat([x_u, x_l]))
     if x_clean is not None:
@@ -233,9 +258,9 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     with ctx.accelerator.autocast():
         logits_all, z_all = ctx.wrapped["encoder"](inputs)
     logits_y, z, logits_l = logits_all[:n].float(), z_all[:n].float(), logits_all[n:n + n_l].float()
+    logits_clean, z_clean = logits_all[n + n_l:].float(), z_all[n + n_l:].float()
     q = logits_y.softmax(1)
-    logits_c_input, z_c_input = ((logits_y, z) if x_clean is None
-                                 else (logits_all[n + n_l:].float(), z_all[n + n_l:].float()))
+    logits_c_input, z_c_input = (logits_clean, z_clean) if on_clean else (logits_y, z)
     targets = correlation_targets(logits_c_input, target_kind)
 
     z_at_dz, q_at_dy, z_at_c = (code.detach().requires_grad_() for code in (z, q, z_c_input))
@@ -266,7 +291,7 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
         # maximize_ce is C's own loss negated, so its gradient is C's, reversed.
         grad_decorrelation = weights.decorrelation * (
             -z_at_c.grad / scale if objective == "maximize_ce" else grad_decorrelation)
-        if x_clean is None:
+        if not on_clean:
             grad_z = grad_z + grad_decorrelation
 
     with ctx.accelerator.autocast():
@@ -277,7 +302,10 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     total = (weights.reconstruction * losses["reconstruction"]
              + weights.supervised * losses["supervised"]
              + (z * grad_z).sum() + (q * grad_q).sum())
-    if decorrelate and x_clean is not None:
+    if weights.consistency > 0:
+        losses["consistency"] = consistency_loss(logits_y, logits_clean)
+        total = total + weights.consistency * losses["consistency"]
+    if decorrelate and on_clean:
         # The clean rows feed only C: their gradient is a surrogate of its own.
         total = total + (z_c_input * grad_decorrelation).sum()
     ctx.step(autoencoder_optimizer, total)

@@ -23,7 +23,7 @@ from .runs import CONFIG_FILE, METRICS_FILE, build_networks, new_run_dir, write_
 log = logging.getLogger(__name__)
 
 LOSS_NAMES = ("reconstruction", "discriminator_z", "discriminator_y", "adversarial_z",
-              "adversarial_y", "supervised", "correlation", "decorrelation")
+              "adversarial_y", "supervised", "correlation", "decorrelation", "consistency")
 NETWORK_ORDER = ("encoder", "decoder", "d_z", "d_y", "correlation")
 
 
@@ -58,7 +58,7 @@ def build_optimizers(nets, config: Config) -> dict[str, torch.optim.Optimizer]:
         return {"autoencoder": adam([*enc.parameters(), *dec.parameters()]),
                 "critics": adam([*nets.d_z.parameters(), *nets.d_y.parameters(),
                                  *nets.correlation.parameters()])}
-    return {
+    optimizers = {
         "reconstruction": adam([*enc.parameters(), *dec.parameters()], loss.reconstruction),
         "discriminators": adam([*nets.d_z.parameters(), *nets.d_y.parameters()]),
         "adversarial_z": adam(enc.z_branch_parameters(), loss.adversarial_z),
@@ -67,6 +67,10 @@ def build_optimizers(nets, config: Config) -> dict[str, torch.optim.Optimizer]:
         "correlation": adam(nets.correlation.parameters()),
         "decorrelation": adam(enc.z_branch_parameters(), loss.decorrelation),
     }
+    if loss.consistency > 0:
+        # Only when used, so that checkpoints of runs without it keep resuming.
+        optimizers["consistency"] = adam(enc.y_branch_parameters(), loss.consistency)
+    return optimizers
 
 
 def lr_factor(epoch: int, config: Config) -> float:
@@ -96,9 +100,10 @@ def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: Devic
         torch.compiler.cudagraph_mark_step_begin()
     x_u = batches.unlabelled_batch(epoch, step_in_epoch)
     x_l, y_l = batches.labelled_batch(ctx.generator)
-    # The unshifted batch, kept when C and the decorrelation read clean images.
+    # The unshifted batch, kept when C and the decorrelation read clean images
+    # or the consistency term takes its targets from them.
     clean = loss.correlation_input == "clean"
-    x_clean = x_u if clean else None
+    x_clean = x_u if clean or loss.consistency > 0 else None
     x_u = random_shift(x_u, config.data.max_shift, ctx.generator)
     x_l = random_shift(x_l, config.data.max_shift, ctx.generator)
     x_c = x_clean if clean else x_u
@@ -117,6 +122,9 @@ def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: Devic
         out |= phases.adversarial_y_phase(ctx, optimizers["adversarial_y"], x_u, loss.adversarial_y)
     if loss.supervised > 0:
         out |= phases.supervised_phase(ctx, optimizers["supervised"], x_l, y_l, loss.supervised)
+    if loss.consistency > 0:
+        out |= phases.consistency_phase(ctx, optimizers["consistency"], x_u, x_clean,
+                                        loss.consistency)
     out |= phases.correlation_phase(ctx, optimizers["correlation"], x_c, loss.correlation_target,
                                     clean)
     if decorrelate:

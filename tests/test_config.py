@@ -43,10 +43,17 @@ def test_saved_config_round_trips(tmp_path):
     ("train.mixed_precision=fp8", "train.mixed_precision"),
     ("data.max_shift=-2", "data.max_shift"),
     ("loss.correlation_input=noisy", "loss.correlation_input"),
+    ("loss.consistency=-1", "loss.consistency"),
 ])
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
         load_config(CONFIGS[0], [override])
+
+
+def test_consistency_without_shifts_or_noise_is_an_error_that_says_what_to_set():
+    with pytest.raises(ConfigError, match=r"loss\.consistency.*data\.max_shift or model\.input_noise"):
+        load_config(CONFIGS[0], ["loss.consistency=1", "data.max_shift=0", "model.input_noise=0"])
+    load_config(CONFIGS[0], ["loss.consistency=1", "data.max_shift=0", "model.input_noise=0.1"])
 
 
 def test_bad_override_form_and_missing_file(tmp_path):

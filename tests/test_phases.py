@@ -19,7 +19,8 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
     """Every loss written out on copies of the networks taken before the step,
     with the same random draws: one-hot prior samples, each critic called
     twice (detached codes for its own loss, live codes for the encoder's).
-    With ``x_clean``, C and the decorrelation read those images' codes."""
+    With ``loss.correlation_input`` clean, C and the decorrelation read the
+    codes of ``x_clean``; the consistency term takes its targets from them."""
     generator = torch.Generator().set_state(ctx_generator_state)
     n, n_l = len(x_u), len(x_l)
     x = torch.cat([x_u, x_l])
@@ -29,7 +30,7 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
     logits_all, z_all = nets.encoder(noisy)
     logits_y, z, logits_l = logits_all[:n], z_all[:n], logits_all[n:n + n_l]
     q = logits_y.softmax(1)
-    logits_c_input, z_c_input = ((logits_y, z) if x_clean is None
+    logits_c_input, z_c_input = ((logits_y, z) if weights.correlation_input == "training"
                                  else (logits_all[n + n_l:], z_all[n + n_l:]))
     targets = logits_c_input.softmax(1).detach()
     prior_z = torch.randn(n, ctx.z_dim, generator=generator)
@@ -55,23 +56,30 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
                         + weights.adversarial_z * bce(nets.d_z(z).squeeze(1), real)
                         + weights.adversarial_y * bce(nets.d_y(q).squeeze(1), real)
                         + weights.decorrelation * decorrelation)
+    if weights.consistency > 0:
+        target = logits_all[n + n_l:].softmax(1).detach()
+        consistency = (target * (target.log() - logits_y.log_softmax(1))).sum(1).mean()
+        autoencoder_loss = autoencoder_loss + weights.consistency * consistency
     autoencoder = [*nets.encoder.parameters(), *nets.decoder.parameters()]
     return critic_grads, torch.autograd.grad(autoencoder_loss, autoencoder)
 
 
-@pytest.mark.parametrize("objective,correlation_input", [
-    ("maximize_ce", "training"), ("uniform", "training"), ("maximize_ce", "clean"),
-    ("uniform", "clean")])
+@pytest.mark.parametrize("objective,correlation_input,consistency", [
+    ("maximize_ce", "training", 0), ("uniform", "training", 0), ("maximize_ce", "clean", 0),
+    ("uniform", "clean", 0), ("uniform", "clean", 1.7), ("maximize_ce", "training", 1.7)])
 def test_fused_step_gradients_equal_the_plainly_computed_ones(tmp_path, objective,
-                                                              correlation_input):
+                                                              correlation_input, consistency):
     config = tiny_config(tmp_path, "train.step_mode=fused", f"loss.decorrelation_objective={objective}",
-                         "loss.adversarial_z=0.7", "loss.adversarial_y=1.3", "loss.decorrelation=0.9")
+                         "loss.adversarial_z=0.7", "loss.adversarial_y=1.3", "loss.decorrelation=0.9",
+                         f"loss.correlation_input={correlation_input}",
+                         f"loss.consistency={consistency}")
     data = load_data(config.data, config.seed)
     setup = prepare_training(config, make_accelerator("no"), data)
     x_u = data.unlabelled.images[:32].float() / 255
     x_l, y_l = data.labelled.images[:20].float() / 255, data.labelled.labels[:20]
     # Clean images other than x_u, so that reading the wrong rows shows.
-    x_clean = data.unlabelled.images[32:64].float() / 255 if correlation_input == "clean" else None
+    needs_clean = correlation_input == "clean" or consistency > 0
+    x_clean = data.unlabelled.images[32:64].float() / 255 if needs_clean else None
     before = copy.deepcopy(setup.nets)
     state = setup.generator.get_state()
 
@@ -115,4 +123,24 @@ def test_reference_correlation_phases_encode_clean_images_without_noise(tmp_path
     loss = -0.9 * F.cross_entropy(before.correlation(z), logits_y.softmax(1).detach())
     expected = torch.autograd.grad(loss, list(before.encoder.z_branch_parameters()))
     for param, grad in zip(setup.nets.encoder.z_branch_parameters(), expected):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_reference_consistency_phase_pulls_training_inputs_toward_the_clean_images(tmp_path):
+    config = tiny_config(tmp_path, "loss.consistency=1.7", "data.max_shift=1")
+    data = load_data(config.data, config.seed)
+    setup = prepare_training(config, make_accelerator("no"), data)
+    x, x_clean = (data.unlabelled.images[i:i + 32].float() / 255 for i in (0, 32))
+    before = copy.deepcopy(setup.nets)
+    generator = torch.Generator().set_state(setup.generator.get_state())
+    noisy = x + setup.ctx.input_noise * torch.randn(x.shape, generator=generator)
+
+    losses = phases.consistency_phase(setup.ctx, setup.optimizers["consistency"], x, x_clean, 1.7)
+
+    logits_y, _ = before.encoder(torch.cat([noisy, x_clean]))
+    target = logits_y[32:].softmax(1).detach()
+    consistency = (target * (target.log() - logits_y[:32].log_softmax(1))).sum(1).mean()
+    torch.testing.assert_close(losses["consistency"], consistency.detach())
+    expected = torch.autograd.grad(1.7 * consistency, list(before.encoder.y_branch_parameters()))
+    for param, grad in zip(setup.nets.encoder.y_branch_parameters(), expected):
         torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
