@@ -30,6 +30,11 @@ def mnist_dir():
     return path
 
 
+def gradients(nets):
+    """Each parameter's gradient, by name, for the parameters that have one."""
+    return {name: p.grad.clone() for name, p in nets.named_parameters() if p.grad is not None}
+
+
 def first_gradients_and_losses(config, data, steps):
     """Train ``steps`` iterations from scratch: the gradients left by the first
     (each network's last phase), every iteration's losses, and the setup."""
@@ -37,11 +42,10 @@ def first_gradients_and_losses(config, data, steps):
 
     torch._dynamo.reset()  # compile afresh: no compiled code from earlier tests
     setup = prepare_training(config, make_accelerator("no"), data)
-    history, gradients = [], None
+    history, first = [], None
     for step in range(steps):
         losses = training_iteration(setup.ctx, setup.optimizers, setup.batches, 1, step, config)
         history.append({name: float(value) for name, value in losses.items()})
         if step == 0:
-            gradients = {name: p.grad.clone() for name, p in setup.nets.named_parameters()
-                         if p.grad is not None}
-    return gradients, history, setup
+            first = gradients(setup.nets)
+    return first, history, setup

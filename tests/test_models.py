@@ -10,7 +10,7 @@ from daae.data import load_data
 from daae.models import CentreTapConv2d, CentreTapConvTranspose2d, Networks
 from daae.train import make_accelerator, prepare_training
 
-from conftest import first_gradients_and_losses, tiny_config
+from conftest import first_gradients_and_losses, gradients, tiny_config
 
 
 def _with_plain_convolutions(nets: Networks) -> Networks:
@@ -65,7 +65,7 @@ def _first_reference_phase_gradients(config, data):
     setup = prepare_training(config, make_accelerator("no"), data)
     x = setup.batches.unlabelled_batch(1, 0)
     phases.reconstruction_phase(setup.ctx, setup.optimizers["reconstruction"], x, 1.0)
-    return {name: p.grad.clone() for name, p in setup.nets.named_parameters() if p.grad is not None}
+    return gradients(setup.nets)
 
 
 @pytest.mark.parametrize("step_mode", ["fused", "reference"])

@@ -14,6 +14,12 @@ from daae.train import make_accelerator, prepare_training
 from conftest import tiny_config
 
 
+def _written_out_consistency(logits_training, logits_clean):
+    """KL(q_clean || q_training) from its definition, the clean side held fixed."""
+    target = logits_clean.softmax(1).detach()
+    return (target * (target.log() - logits_training.log_softmax(1))).sum(1).mean()
+
+
 def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, objective,
                         x_clean=None):
     """Every loss written out on copies of the networks taken before the step,
@@ -57,8 +63,7 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
                         + weights.adversarial_y * bce(nets.d_y(q).squeeze(1), real)
                         + weights.decorrelation * decorrelation)
     if weights.consistency > 0:
-        target = logits_all[n + n_l:].softmax(1).detach()
-        consistency = (target * (target.log() - logits_y.log_softmax(1))).sum(1).mean()
+        consistency = _written_out_consistency(logits_y, logits_all[n + n_l:])
         autoencoder_loss = autoencoder_loss + weights.consistency * consistency
     autoencoder = [*nets.encoder.parameters(), *nets.decoder.parameters()]
     return critic_grads, torch.autograd.grad(autoencoder_loss, autoencoder)
@@ -138,8 +143,7 @@ def test_reference_consistency_phase_pulls_training_inputs_toward_the_clean_imag
     losses = phases.consistency_phase(setup.ctx, setup.optimizers["consistency"], x, x_clean, 1.7)
 
     logits_y, _ = before.encoder(torch.cat([noisy, x_clean]))
-    target = logits_y[32:].softmax(1).detach()
-    consistency = (target * (target.log() - logits_y[:32].log_softmax(1))).sum(1).mean()
+    consistency = _written_out_consistency(logits_y[:32], logits_y[32:])
     torch.testing.assert_close(losses["consistency"], consistency.detach())
     expected = torch.autograd.grad(1.7 * consistency, list(before.encoder.y_branch_parameters()))
     for param, grad in zip(setup.nets.encoder.y_branch_parameters(), expected):
