@@ -66,8 +66,9 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     mixed_precision: str = "no"  # no | bf16 | fp16
-    # reference: six phases (seven with loss.consistency), each its own forward
-    # and optimizer step, in DESIGN.md order; fused: one encoder forward and one
+    # reference: six phases (one more each for loss.consistency and loss.vat),
+    # each its own forward and optimizer step, in DESIGN.md order; fused: one
+    # encoder forward (and VAT's power iteration before it) and one
     # pass through each critic feed every loss, then one critic step and one
     # encoder/decoder step.
     step_mode: str = "reference"  # reference | fused
@@ -107,6 +108,14 @@ class LossConfig:
     # q_training - q_clean, which does not vanish where the two views disagree.
     # 0: off. Needs views that differ: data.max_shift or model.input_noise > 0.
     consistency: float = 0.0
+    # Virtual adversarial training (Miyato et al. 2018; not in the paper): pull
+    # q(y|x) of each unaltered unlabelled image plus the perturbation of L2
+    # norm vat_epsilon (pixels in [0, 1]) that changes it most toward q(y|x) of
+    # the image, a target held fixed. Random shifts and noise probe a few
+    # directions; this one finds, per image, the direction where the class
+    # boundary is nearest. 0: off.
+    vat: float = 0.0
+    vat_epsilon: float = 2.0
 
 
 @dataclass
@@ -367,13 +376,15 @@ def validate(config: Config) -> None:
     _require(0 <= train.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
     _require(0 <= train.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
     for name in ("reconstruction", "adversarial_z", "adversarial_y", "supervised", "decorrelation",
-                 "consistency"):
+                 "consistency", "vat"):
         _require(getattr(loss, name) >= 0, f"loss.{name}",
                  f"must be 0 or more (0 turns the phase off), got {getattr(loss, name)}")
     _require(loss.consistency == 0 or data.max_shift > 0 or model.input_noise > 0,
              "loss.consistency", "compares the training inputs with the unaltered images, which "
              "are the same without shifts or noise: set data.max_shift or model.input_noise above "
              "0, or loss.consistency to 0")
+    _require(loss.vat_epsilon > 0, "loss.vat_epsilon",
+             f"must be positive (the perturbation's L2 norm per image), got {loss.vat_epsilon}")
     _require(loss.decorrelation_start_epoch >= 0, "loss.decorrelation_start_epoch", "must be 0 or more")
     for name in ("probe_hidden", "probe_epochs", "probe_train_size", "probe_batch_size", "batch_size"):
         _require(getattr(config.eval, name) >= 1, f"eval.{name}", "must be at least 1")

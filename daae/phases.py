@@ -114,10 +114,60 @@ def decorrelation_loss(correlation_logits: torch.Tensor, targets: torch.Tensor,
 
 def consistency_loss(logits_training: torch.Tensor, logits_clean: torch.Tensor) -> torch.Tensor:
     """KL(q_clean || q_training): the unaltered images' q(y|x) is the target,
-    held fixed, so only the training inputs' predictions move."""
+    held fixed, so only the training inputs' predictions move. The virtual
+    adversarial term is the same KL with the perturbed images as the student."""
     return F.kl_div(logits_training.float().log_softmax(1),
                     logits_clean.detach().float().log_softmax(1),
                     log_target=True, reduction="batchmean")
+
+
+# The power iteration's finite-difference step (L2 norm per image, pixels in
+# [0, 1]). VAT's 1e-6 finds the KL's curvature at x itself; on a confident
+# encoder (a near-saturated softmax) that direction differs from where the KL
+# grows at a finite distance (cosine about 0.25 between steps 1e-6 and 1e-3..1
+# on a 2,500-step P100 model), and the perturbation is applied at distance
+# vat_epsilon. 0.1 is the step the shipped weight was chosen with.
+POWER_ITERATION_STEP = 0.1
+
+
+def _unit_rows(t: torch.Tensor) -> torch.Tensor:
+    return F.normalize(t.flatten(1), dim=1).view_as(t)
+
+
+@contextmanager
+def running_statistics_frozen(module: nn.Module):
+    """Batch norm normalises with batch statistics as in training, but its
+    running averages (what evaluation uses) do not move: the power
+    iteration's probes are not images the model will be evaluated on."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def virtual_adversarial_perturbation(ctx: StepContext, x: torch.Tensor,
+                                     epsilon: float) -> torch.Tensor:
+    """VAT's r_adv (Miyato et al. 2018): per image, the perturbation of L2 norm
+    ``epsilon`` that changes q(y|x) most, from one power iteration (a random
+    direction, then the gradient of KL(q(y|x) || q(y|x + step·d)) in it).
+    Uses the plain encoder (DDP sees only the training forward) in fp32, where
+    a small KL's gradient does not underflow."""
+    encoder = ctx.plain.encoder
+    with running_statistics_frozen(encoder), torch.enable_grad():
+        with torch.no_grad():
+            target = encoder(x)[0].float()
+        direction = torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
+        probe = (POWER_ITERATION_STEP * _unit_rows(direction)).requires_grad_()
+        (grad,) = torch.autograd.grad(consistency_loss(encoder(x + probe)[0], target), probe)
+    return epsilon * _unit_rows(grad)
 
 
 # -------------------------------------------------------------- reference phases
@@ -178,6 +228,18 @@ def consistency_phase(ctx: StepContext, optimizer, x: torch.Tensor, x_clean: tor
     loss = consistency_loss(logits_y[:len(x)], logits_y[len(x):])
     ctx.step(optimizer, weight * loss)
     return {"consistency": loss.detach()}
+
+
+def virtual_adversarial_phase(ctx: StepContext, optimizer, x_clean: torch.Tensor,
+                              weight: float, epsilon: float):
+    """``x_clean`` and its virtual adversarial perturbation in one forward, so
+    batch norm sees both as the fused step does."""
+    perturbed = x_clean + virtual_adversarial_perturbation(ctx, x_clean, epsilon)
+    with ctx.accelerator.autocast():
+        logits_y, _ = ctx.wrapped["encoder"](torch.cat([x_clean, perturbed]))
+    loss = consistency_loss(logits_y[len(x_clean):], logits_y[:len(x_clean)])
+    ctx.step(optimizer, weight * loss)
+    return {"vat": loss.detach()}
 
 
 def correlation_phase(ctx: StepContext, optimizer, x: torch.Tensor, target_kind: str,
@@ -243,22 +305,28 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     (pre-update) critics: simultaneous rather than alternating updates.
     ``x_clean``, the unlabelled images unaltered, is encoded without noise in
     the same forward (DDP allows one per backward; batch norm then normalises
-    over all three parts) when C and the decorrelation read its codes
-    (``weights.correlation_input`` clean) or the consistency term needs its
-    targets; None when neither does.
+    over all parts) when C and the decorrelation read its codes
+    (``weights.correlation_input`` clean) or the consistency or virtual
+    adversarial term needs its targets; None when none does. With ``weights.vat``
+    the perturbed unaltered images are a fourth part of that forward.
     """
     on_clean = weights.correlation_input == "clean"
-    if x_clean is None and (on_clean or weights.consistency > 0):
-        raise ValueError("fused_step: loss.correlation_input=clean or loss.consistency > 0 "
-                         "reads the unaltered unlabelled images; pass them as x_clean")
+    if x_clean is None and (on_clean or weights.consistency > 0 or weights.vat > 0):
+        raise ValueError("fused_step: loss.correlation_input=clean, loss.consistency > 0 or "
+                         "loss.vat > 0 reads the unaltered unlabelled images; pass them as x_clean")
     n, n_l = len(x_u), len(x_l)
-    inputs = ctx.noisy(torch.cat([x_u, x_l]))
+    n_clean = 0 if x_clean is None else len(x_clean)
+    inputs = [ctx.noisy(torch.cat([x_u, x_l]))]
     if x_clean is not None:
-        inputs = torch.cat([inputs, x_clean])
+        inputs.append(x_clean)
+    if weights.vat > 0:
+        inputs.append(x_clean + virtual_adversarial_perturbation(ctx, x_clean, weights.vat_epsilon))
     with ctx.accelerator.autocast():
-        logits_all, z_all = ctx.wrapped["encoder"](inputs)
+        logits_all, z_all = ctx.wrapped["encoder"](torch.cat(inputs))
     logits_y, z, logits_l = logits_all[:n].float(), z_all[:n].float(), logits_all[n:n + n_l].float()
-    logits_clean, z_clean = logits_all[n + n_l:].float(), z_all[n + n_l:].float()
+    clean_rows = slice(n + n_l, n + n_l + n_clean)
+    logits_clean, z_clean = logits_all[clean_rows].float(), z_all[clean_rows].float()
+    logits_perturbed = logits_all[n + n_l + n_clean:].float()
     q = logits_y.softmax(1)
     logits_c_input, z_c_input = (logits_clean, z_clean) if on_clean else (logits_y, z)
     targets = correlation_targets(logits_c_input, target_kind)
@@ -305,6 +373,9 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     if weights.consistency > 0:
         losses["consistency"] = consistency_loss(logits_y, logits_clean)
         total = total + weights.consistency * losses["consistency"]
+    if weights.vat > 0:
+        losses["vat"] = consistency_loss(logits_perturbed, logits_clean)
+        total = total + weights.vat * losses["vat"]
     if decorrelate and on_clean:
         # The clean rows feed only C: their gradient is a surrogate of its own.
         total = total + (z_c_input * grad_decorrelation).sum()

@@ -23,7 +23,7 @@ from .runs import CONFIG_FILE, METRICS_FILE, build_networks, new_run_dir, write_
 log = logging.getLogger(__name__)
 
 LOSS_NAMES = ("reconstruction", "discriminator_z", "discriminator_y", "adversarial_z",
-              "adversarial_y", "supervised", "correlation", "decorrelation", "consistency")
+              "adversarial_y", "supervised", "correlation", "decorrelation", "consistency", "vat")
 NETWORK_ORDER = ("encoder", "decoder", "d_z", "d_y", "correlation")
 
 
@@ -70,6 +70,8 @@ def build_optimizers(nets, config: Config) -> dict[str, torch.optim.Optimizer]:
     if loss.consistency > 0:
         # Only when used, so that checkpoints of runs without it keep resuming.
         optimizers["consistency"] = adam(enc.y_branch_parameters(), loss.consistency)
+    if loss.vat > 0:
+        optimizers["vat"] = adam(enc.y_branch_parameters(), loss.vat)
     return optimizers
 
 
@@ -101,9 +103,9 @@ def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: Devic
     x_u = batches.unlabelled_batch(epoch, step_in_epoch)
     x_l, y_l = batches.labelled_batch(ctx.generator)
     # The unshifted batch, kept when C and the decorrelation read clean images
-    # or the consistency term takes its targets from them.
+    # or the consistency or virtual adversarial term takes its targets from them.
     clean = loss.correlation_input == "clean"
-    x_clean = x_u if clean or loss.consistency > 0 else None
+    x_clean = x_u if clean or loss.consistency > 0 or loss.vat > 0 else None
     x_u = random_shift(x_u, config.data.max_shift, ctx.generator)
     x_l = random_shift(x_l, config.data.max_shift, ctx.generator)
     x_c = x_clean if clean else x_u
@@ -125,6 +127,9 @@ def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: Devic
     if loss.consistency > 0:
         out |= phases.consistency_phase(ctx, optimizers["consistency"], x_u, x_clean,
                                         loss.consistency)
+    if loss.vat > 0:
+        out |= phases.virtual_adversarial_phase(ctx, optimizers["vat"], x_clean, loss.vat,
+                                                loss.vat_epsilon)
     out |= phases.correlation_phase(ctx, optimizers["correlation"], x_c, loss.correlation_target,
                                     clean)
     if decorrelate:

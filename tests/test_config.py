@@ -44,6 +44,8 @@ def test_saved_config_round_trips(tmp_path):
     ("data.max_shift=-2", "data.max_shift"),
     ("loss.correlation_input=noisy", "loss.correlation_input"),
     ("loss.consistency=-1", "loss.consistency"),
+    ("loss.vat=-1", "loss.vat"),
+    ("loss.vat_epsilon=0", "loss.vat_epsilon"),
 ])
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):

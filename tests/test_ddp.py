@@ -20,7 +20,9 @@ def test_two_cpu_processes_keep_identical_parameters(tmp_path, step_mode):
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
                str(HERE / "ddp_worker.py"), str(tmp_path), str(SMOKE), f"run.dir={tmp_path}",
                "run.name=ddp", "train.max_steps=60", f"train.step_mode={step_mode}", "run.progress_bar=false",
-               "run.checkpoint_every=25", "eval.final_test=false", "eval.probe_epochs=1"]
+               "run.checkpoint_every=25", "eval.final_test=false", "eval.probe_epochs=1",
+               # The extra phases and VAT's power iteration (a forward DDP must not see).
+               "data.max_shift=1", "loss.consistency=0.5", "loss.vat=0.5"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

@@ -20,24 +20,46 @@ def _written_out_consistency(logits_training, logits_clean):
     return (target * (target.log() - logits_training.log_softmax(1))).sum(1).mean()
 
 
+def _unit(t):
+    return t / t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _written_out_perturbation(encoder, x, epsilon, generator):
+    """VAT's one power iteration from its definition: a random direction of the
+    finite-difference length, then the KL's gradient in it, scaled to epsilon."""
+    probe = (phases.POWER_ITERATION_STEP * _unit(torch.randn(x.shape, generator=generator)))
+    probe.requires_grad_()
+    target = encoder(x)[0].detach()
+    (grad,) = torch.autograd.grad(_written_out_consistency(encoder(x + probe)[0], target), probe)
+    return epsilon * _unit(grad)
+
+
 def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, objective,
                         x_clean=None):
     """Every loss written out on copies of the networks taken before the step,
     with the same random draws: one-hot prior samples, each critic called
     twice (detached codes for its own loss, live codes for the encoder's).
     With ``loss.correlation_input`` clean, C and the decorrelation read the
-    codes of ``x_clean``; the consistency term takes its targets from them."""
+    codes of ``x_clean``; the consistency and the virtual adversarial term
+    take their targets from them."""
     generator = torch.Generator().set_state(ctx_generator_state)
     n, n_l = len(x_u), len(x_l)
     x = torch.cat([x_u, x_l])
     noisy = x + ctx.input_noise * torch.randn(x.shape, generator=generator)
     if x_clean is not None:
         noisy = torch.cat([noisy, x_clean])
+    if weights.vat > 0:
+        # On a copy: these forwards move the running statistics, which the step's must not see.
+        perturbation = _written_out_perturbation(copy.deepcopy(nets.encoder), x_clean,
+                                                 weights.vat_epsilon, generator)
+        noisy = torch.cat([noisy, x_clean + perturbation])
     logits_all, z_all = nets.encoder(noisy)
     logits_y, z, logits_l = logits_all[:n], z_all[:n], logits_all[n:n + n_l]
+    n_clean = 0 if x_clean is None else len(x_clean)
+    logits_clean, z_clean = logits_all[n + n_l:n + n_l + n_clean], z_all[n + n_l:n + n_l + n_clean]
     q = logits_y.softmax(1)
     logits_c_input, z_c_input = ((logits_y, z) if weights.correlation_input == "training"
-                                 else (logits_all[n + n_l:], z_all[n + n_l:]))
+                                 else (logits_clean, z_clean))
     targets = logits_c_input.softmax(1).detach()
     prior_z = torch.randn(n, ctx.z_dim, generator=generator)
     labels = torch.randint(ctx.num_classes, (n,), generator=generator)
@@ -63,27 +85,31 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
                         + weights.adversarial_y * bce(nets.d_y(q).squeeze(1), real)
                         + weights.decorrelation * decorrelation)
     if weights.consistency > 0:
-        consistency = _written_out_consistency(logits_y, logits_all[n + n_l:])
+        consistency = _written_out_consistency(logits_y, logits_clean)
         autoencoder_loss = autoencoder_loss + weights.consistency * consistency
+    if weights.vat > 0:
+        vat = _written_out_consistency(logits_all[n + n_l + n_clean:], logits_clean)
+        autoencoder_loss = autoencoder_loss + weights.vat * vat
     autoencoder = [*nets.encoder.parameters(), *nets.decoder.parameters()]
     return critic_grads, torch.autograd.grad(autoencoder_loss, autoencoder)
 
 
-@pytest.mark.parametrize("objective,correlation_input,consistency", [
-    ("maximize_ce", "training", 0), ("uniform", "training", 0), ("maximize_ce", "clean", 0),
-    ("uniform", "clean", 0), ("uniform", "clean", 1.7), ("maximize_ce", "training", 1.7)])
+@pytest.mark.parametrize("objective,correlation_input,consistency,vat", [
+    ("maximize_ce", "training", 0, 0), ("uniform", "training", 0, 0), ("maximize_ce", "clean", 0, 0),
+    ("uniform", "clean", 0, 0), ("uniform", "clean", 1.7, 0), ("maximize_ce", "training", 1.7, 0),
+    ("uniform", "clean", 1.7, 0.8), ("maximize_ce", "training", 0, 0.8)])
 def test_fused_step_gradients_equal_the_plainly_computed_ones(tmp_path, objective,
-                                                              correlation_input, consistency):
+                                                              correlation_input, consistency, vat):
     config = tiny_config(tmp_path, "train.step_mode=fused", f"loss.decorrelation_objective={objective}",
                          "loss.adversarial_z=0.7", "loss.adversarial_y=1.3", "loss.decorrelation=0.9",
                          f"loss.correlation_input={correlation_input}",
-                         f"loss.consistency={consistency}")
+                         f"loss.consistency={consistency}", f"loss.vat={vat}", "loss.vat_epsilon=1.5")
     data = load_data(config.data, config.seed)
     setup = prepare_training(config, make_accelerator("no"), data)
     x_u = data.unlabelled.images[:32].float() / 255
     x_l, y_l = data.labelled.images[:20].float() / 255, data.labelled.labels[:20]
     # Clean images other than x_u, so that reading the wrong rows shows.
-    needs_clean = correlation_input == "clean" or consistency > 0
+    needs_clean = correlation_input == "clean" or consistency > 0 or vat > 0
     x_clean = data.unlabelled.images[32:64].float() / 255 if needs_clean else None
     before = copy.deepcopy(setup.nets)
     state = setup.generator.get_state()
@@ -146,5 +172,49 @@ def test_reference_consistency_phase_pulls_training_inputs_toward_the_clean_imag
     consistency = _written_out_consistency(logits_y[:32], logits_y[32:])
     torch.testing.assert_close(losses["consistency"], consistency.detach())
     expected = torch.autograd.grad(1.7 * consistency, list(before.encoder.y_branch_parameters()))
+    for param, grad in zip(setup.nets.encoder.y_branch_parameters(), expected):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_virtual_adversarial_perturbation_finds_the_direction_that_moves_q_most(tmp_path):
+    config = tiny_config(tmp_path, "loss.vat=1")
+    data = load_data(config.data, config.seed)
+    setup = prepare_training(config, make_accelerator("no"), data)
+    encoder = setup.nets.encoder
+    x = data.unlabelled.images[:64].float() / 255
+    buffers = {name: b.clone() for name, b in encoder.named_buffers()}
+
+    perturbation = phases.virtual_adversarial_perturbation(setup.ctx, x, 1.5)
+
+    norms = perturbation.flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 1.5))
+    # Evaluation's batch norm statistics and the weights' gradients are untouched.
+    for name, b in encoder.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    assert all(p.grad is None for p in encoder.parameters())
+
+    probe = copy.deepcopy(encoder).eval()
+    with torch.no_grad():
+        target = probe(x)[0]
+        adversarial = _written_out_consistency(probe(x + perturbation)[0], target)
+        random = _written_out_consistency(probe(x + 1.5 * _unit(torch.randn(x.shape)))[0], target)
+    assert adversarial > 3 * random
+
+
+def test_reference_virtual_adversarial_phase_pulls_perturbed_images_toward_the_clean_ones(tmp_path):
+    config = tiny_config(tmp_path, "loss.vat=0.6", "loss.vat_epsilon=1.5")
+    data = load_data(config.data, config.seed)
+    setup = prepare_training(config, make_accelerator("no"), data)
+    x_clean = data.unlabelled.images[:32].float() / 255
+    before = copy.deepcopy(setup.nets)
+    generator = torch.Generator().set_state(setup.generator.get_state())
+    perturbation = _written_out_perturbation(copy.deepcopy(before.encoder), x_clean, 1.5, generator)
+
+    losses = phases.virtual_adversarial_phase(setup.ctx, setup.optimizers["vat"], x_clean, 0.6, 1.5)
+
+    logits_y, _ = before.encoder(torch.cat([x_clean, x_clean + perturbation]))
+    vat = _written_out_consistency(logits_y[32:], logits_y[:32])
+    torch.testing.assert_close(losses["vat"], vat.detach(), rtol=1e-4, atol=1e-6)
+    expected = torch.autograd.grad(0.6 * vat, list(before.encoder.y_branch_parameters()))
     for param, grad in zip(setup.nets.encoder.y_branch_parameters(), expected):
         torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)

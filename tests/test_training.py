@@ -55,14 +55,14 @@ def test_run_folder_holds_config_events_images_checkpoint_metrics(tmp_path):
 
 @pytest.mark.parametrize("overrides", [
     ("train.step_mode=fused", "data.max_shift=2", "loss.correlation_input=clean",
-     "loss.consistency=2"),
+     "loss.consistency=2", "loss.vat=1", "model.input_noise=0"),
     ("train.mixed_precision=bf16",),
     ("model.kind=conv", "model.scale=0.25", "loss.decorrelation_objective=uniform"),
     ("data.labels_per_class=null", "loss.correlation_target=hard", "data.max_shift=1",
      "loss.correlation_input=clean"),
-    ("data.max_shift=2", "loss.consistency=2"),
-], ids=["fused-shift-clean-consistency", "bf16", "conv-uniform", "all-labels-hard-shift-clean",
-        "reference-consistency"])
+    ("data.max_shift=2", "loss.consistency=2", "loss.vat=1"),
+], ids=["fused-shift-clean-consistency-vat", "bf16", "conv-uniform", "all-labels-hard-shift-clean",
+        "reference-consistency-vat"])
 def test_variants_train_and_learn(tmp_path, overrides):
     result = train(tiny_config(tmp_path, "train.max_steps=120", "eval.final_test=false",
                                "eval.probe_epochs=1", *overrides))
