@@ -112,6 +112,13 @@ def decorrelation_loss(correlation_logits: torch.Tensor, targets: torch.Tensor,
     return -log_probs.mean(1).mean() - math.log(logits.shape[1])
 
 
+def reads_clean_images(weights) -> bool:
+    """Whether a step encodes the unaltered unlabelled images: C and the
+    decorrelation read their codes (correlation_input clean), or the
+    consistency or virtual adversarial term takes its targets from them."""
+    return weights.correlation_input == "clean" or weights.consistency > 0 or weights.vat > 0
+
+
 def consistency_loss(logits_training: torch.Tensor, logits_clean: torch.Tensor) -> torch.Tensor:
     """KL(q_clean || q_training): the unaltered images' q(y|x) is the target,
     held fixed, so only the training inputs' predictions move. The virtual
@@ -311,7 +318,7 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     the perturbed unaltered images are a fourth part of that forward.
     """
     on_clean = weights.correlation_input == "clean"
-    if x_clean is None and (on_clean or weights.consistency > 0 or weights.vat > 0):
+    if x_clean is None and reads_clean_images(weights):
         raise ValueError("fused_step: loss.correlation_input=clean, loss.consistency > 0 or "
                          "loss.vat > 0 reads the unaltered unlabelled images; pass them as x_clean")
     n, n_l = len(x_u), len(x_l)

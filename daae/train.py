@@ -102,10 +102,9 @@ def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: Devic
         torch.compiler.cudagraph_mark_step_begin()
     x_u = batches.unlabelled_batch(epoch, step_in_epoch)
     x_l, y_l = batches.labelled_batch(ctx.generator)
-    # The unshifted batch, kept when C and the decorrelation read clean images
-    # or the consistency or virtual adversarial term takes its targets from them.
+    # The unshifted batch, before the shift below moves it.
     clean = loss.correlation_input == "clean"
-    x_clean = x_u if clean or loss.consistency > 0 or loss.vat > 0 else None
+    x_clean = x_u if phases.reads_clean_images(loss) else None
     x_u = random_shift(x_u, config.data.max_shift, ctx.generator)
     x_l = random_shift(x_l, config.data.max_shift, ctx.generator)
     x_c = x_clean if clean else x_u
