@@ -116,6 +116,11 @@ class LossConfig:
     # boundary is nearest. 0: off.
     vat: float = 0.0
     vat_epsilon: float = 2.0
+    # First epoch with the VAT term. From the start, VAT can settle a labelled
+    # subset on a wrong partition within a few hundred steps (seed 2, README
+    # "Virtual adversarial training"); started later, it refines the clusters
+    # that the supervised and consistency terms have formed.
+    vat_start_epoch: int = 0
 
 
 @dataclass
@@ -386,6 +391,7 @@ def validate(config: Config) -> None:
     _require(loss.vat_epsilon > 0, "loss.vat_epsilon",
              f"must be positive (the perturbation's L2 norm per image), got {loss.vat_epsilon}")
     _require(loss.decorrelation_start_epoch >= 0, "loss.decorrelation_start_epoch", "must be 0 or more")
+    _require(loss.vat_start_epoch >= 0, "loss.vat_start_epoch", "must be 0 or more")
     for name in ("probe_hidden", "probe_epochs", "probe_train_size", "probe_batch_size", "batch_size"):
         _require(getattr(config.eval, name) >= 1, f"eval.{name}", "must be at least 1")
     _require(config.eval.probe_lr > 0, "eval.probe_lr", "must be positive")

@@ -1,6 +1,7 @@
 """train(config): the one training function behind `daae train` and every Tune trial."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -97,6 +98,10 @@ def set_lr_factor(optimizers: dict, factor: float) -> None:
 def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: DeviceBatches,
                        epoch: int, step_in_epoch: int, config: Config) -> dict:
     loss = config.loss
+    if loss.vat > 0 and epoch < loss.vat_start_epoch:
+        # Before its start the step is exactly the one without the term: no
+        # perturbed rows, and no clean rows that only VAT would read.
+        loss = dataclasses.replace(loss, vat=0.0)
     if config.train.compile == "reduce-overhead":
         # CUDA graph outputs of the previous iteration may now be overwritten.
         torch.compiler.cudagraph_mark_step_begin()

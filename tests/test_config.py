@@ -46,6 +46,7 @@ def test_saved_config_round_trips(tmp_path):
     ("loss.consistency=-1", "loss.consistency"),
     ("loss.vat=-1", "loss.vat"),
     ("loss.vat_epsilon=0", "loss.vat_epsilon"),
+    ("loss.vat_start_epoch=-1", "loss.vat_start_epoch"),
 ])
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):

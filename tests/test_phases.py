@@ -218,3 +218,25 @@ def test_reference_virtual_adversarial_phase_pulls_perturbed_images_toward_the_c
     expected = torch.autograd.grad(0.6 * vat, list(before.encoder.y_branch_parameters()))
     for param, grad in zip(setup.nets.encoder.y_branch_parameters(), expected):
         torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("step_mode", ["fused", "reference"])
+def test_vat_before_its_start_epoch_is_the_step_without_it(tmp_path, step_mode):
+    from daae.train import training_iteration
+
+    def first_step(epoch, *overrides):
+        config = tiny_config(tmp_path, f"train.step_mode={step_mode}", "data.max_shift=1", *overrides)
+        setup = prepare_training(config, make_accelerator("no"), load_data(config.data, config.seed))
+        losses = training_iteration(setup.ctx, setup.optimizers, setup.batches, epoch, 0, config)
+        return losses, dict(setup.nets.named_parameters())
+
+    waiting, waiting_params = first_step(1, "loss.vat=0.8", "loss.vat_start_epoch=2")
+    without, without_params = first_step(1, "loss.vat=0")
+    started, _ = first_step(2, "loss.vat=0.8", "loss.vat_start_epoch=2")
+
+    assert waiting.keys() == without.keys() and "vat" not in waiting
+    for name in waiting:
+        assert torch.equal(waiting[name], without[name]), name
+    for name, param in waiting_params.items():
+        assert torch.equal(param, without_params[name]), name
+    assert started["vat"] > 0

@@ -11,12 +11,12 @@ def _parameters(run_dir):
 
 
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    # 70 steps cross an epoch boundary (50 steps/epoch) and switch on decorrelation.
-    # data.max_shift draws from the same random stream the resumed run must restore;
-    # loss.consistency and loss.vat add optimizers the checkpoint must carry
-    # (and VAT's power iteration draws from that stream too).
+    # 70 steps cross an epoch boundary (50 steps/epoch) and switch on decorrelation
+    # and VAT. data.max_shift draws from the same random stream the resumed run
+    # must restore; loss.consistency and loss.vat add optimizers the checkpoint
+    # must carry (and VAT's power iteration draws from that stream too).
     common = ("eval.final_test=false", "eval.probe_epochs=1", "run.checkpoint_every=20",
-              "data.max_shift=1", "loss.consistency=0.5", "loss.vat=0.5")
+              "data.max_shift=1", "loss.consistency=0.5", "loss.vat=0.5", "loss.vat_start_epoch=1")
     straight = train(tiny_config(tmp_path, "run.name=straight", "train.max_steps=70", *common))
     train(tiny_config(tmp_path, "run.name=split", "train.max_steps=30", *common))
     resumed = train(tiny_config(tmp_path, "run.name=split", "train.max_steps=70", *common),
