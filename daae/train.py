@@ -14,7 +14,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
 from . import checkpoint, phases
-from .config import Config, ConfigError, save_config, to_dict
+from .config import Config, ConfigError, LossConfig, save_config, to_dict
 from .data import DeviceBatches, load_data, random_shift, to_float
 from .evaluate import evaluate, tensorboard_tags
 from .grids import reconstruction_grid, save_png
@@ -95,13 +95,19 @@ def set_lr_factor(optimizers: dict, factor: float) -> None:
 
 # ------------------------------------------------------------------------ iteration
 
+def weights_at_epoch(loss: LossConfig, epoch: int) -> LossConfig:
+    """The loss weights in force at ``epoch``: a term with a start epoch
+    (``loss.<term>_start_epoch``) weighs 0 before it, so each step until then
+    is exactly the step without it (for VAT: no power iteration, no perturbed
+    rows, and no clean rows that only VAT would read)."""
+    waiting = {term: 0.0 for term in ("decorrelation", "vat")
+               if getattr(loss, term) > 0 and epoch < getattr(loss, f"{term}_start_epoch")}
+    return dataclasses.replace(loss, **waiting) if waiting else loss
+
+
 def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: DeviceBatches,
                        epoch: int, step_in_epoch: int, config: Config) -> dict:
-    loss = config.loss
-    if loss.vat > 0 and epoch < loss.vat_start_epoch:
-        # Before its start the step is exactly the one without the term: no
-        # perturbed rows, and no clean rows that only VAT would read.
-        loss = dataclasses.replace(loss, vat=0.0)
+    loss = weights_at_epoch(config.loss, epoch)
     if config.train.compile == "reduce-overhead":
         # CUDA graph outputs of the previous iteration may now be overwritten.
         torch.compiler.cudagraph_mark_step_begin()
@@ -113,7 +119,7 @@ def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: Devic
     x_u = random_shift(x_u, config.data.max_shift, ctx.generator)
     x_l = random_shift(x_l, config.data.max_shift, ctx.generator)
     x_c = x_clean if clean else x_u
-    decorrelate = loss.decorrelation > 0 and epoch >= loss.decorrelation_start_epoch
+    decorrelate = loss.decorrelation > 0
     if config.train.step_mode == "fused":
         return phases.fused_step(ctx, optimizers["autoencoder"], optimizers["critics"], x_u, x_l,
                                  y_l, loss, decorrelate, loss.decorrelation_objective,
