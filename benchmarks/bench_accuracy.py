@@ -28,8 +28,8 @@ from benchmarks.common import machine, peak_memory, synchronize, write_result
 from daae.config import load_config
 from daae.data import load_data
 from daae.evaluate import evaluate
-from daae.train import (LossTracker, lr_factor, make_accelerator, planned_steps, prepare_training,
-                        set_lr_factor, training_iteration)
+from daae.optimizers import set_learning_rates
+from daae.train import LossTracker, make_accelerator, planned_steps, prepare_training, training_iteration
 
 log = logging.getLogger("bench_accuracy")
 CPU_BUDGET_S = 600.0
@@ -58,7 +58,7 @@ def run(config, targets: list[float], budget_s: float | None, eval_every: int) -
         for _ in range(min(eval_every, total_steps - step)):
             epoch, in_epoch = divmod(step, steps_per_epoch)
             if in_epoch == 0:
-                set_lr_factor(setup.optimizers, lr_factor(epoch, config))
+                set_learning_rates(setup.optimizers, epoch, config)
             tracker.add(step, training_iteration(setup.ctx, setup.optimizers, setup.batches,
                                                  epoch, in_epoch, config))
             step += 1

@@ -63,6 +63,11 @@ class TrainConfig:
     lr: float = 3e-4
     lr_milestones: list[int] = field(default_factory=lambda: [20, 50])
     lr_decay: float = 0.1
+    # The critics' (D_z, D_y and C) own milestones; None: train.lr_milestones.
+    # [] keeps their learning rate while the encoder's drops, so that C still
+    # tracks a slowly moving z and the decorrelation pushes against the class
+    # information z really holds, not against a C that lags behind it.
+    critic_lr_milestones: Optional[list[int]] = None
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     mixed_precision: str = "no"  # no | bf16 | fp16
@@ -377,6 +382,12 @@ def validate(config: Config) -> None:
     _require(train.lr_milestones == sorted(train.lr_milestones)
              and all(m >= 1 for m in train.lr_milestones),
              "train.lr_milestones", "must be increasing epoch numbers, each at least 1")
+    _require(train.critic_lr_milestones is None
+             or (train.critic_lr_milestones == sorted(train.critic_lr_milestones)
+                 and all(m >= 1 for m in train.critic_lr_milestones)),
+             "train.critic_lr_milestones",
+             "must be increasing epoch numbers, each at least 1 ([] for none), or null to follow "
+             "train.lr_milestones")
     _require(0 < train.lr_decay <= 1, "train.lr_decay", "must be in (0, 1]")
     _require(0 <= train.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
     _require(0 <= train.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")

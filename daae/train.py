@@ -18,6 +18,7 @@ from .config import Config, ConfigError, LossConfig, save_config, to_dict
 from .data import DeviceBatches, load_data, random_shift, to_float
 from .evaluate import evaluate, tensorboard_tags
 from .grids import reconstruction_grid, save_png
+from .optimizers import build_optimizers, lr_factor, set_learning_rates
 from .sample import tensorboard_generation
 from .runs import CONFIG_FILE, METRICS_FILE, build_networks, new_run_dir, write_json
 
@@ -39,61 +40,13 @@ class Hooks:
     on_checkpoint: Optional[Callable[[int, Path], None]] = None  # (step, checkpoint file)
 
 
-# ----------------------------------------------------------------------- optimizers
-
-def build_optimizers(nets, config: Config) -> dict[str, torch.optim.Optimizer]:
-    """One Adam per phase (reference) or per side (fused), in a fixed order."""
-    train, loss = config.train, config.loss
-
-    def adam(params, weight: float = 1.0):
-        lr = train.lr * (weight if train.weights_scale_lr and train.step_mode == "reference" else 1.0)
-        # fused: one kernel for all parameters instead of several per tensor (CPU and GPU).
-        optimizer = torch.optim.Adam(params, lr=lr, betas=(train.adam_beta1, train.adam_beta2),
-                                     fused=True)
-        for group in optimizer.param_groups:
-            group["base_lr"] = lr
-        return optimizer
-
-    enc, dec = nets.encoder, nets.decoder
-    if train.step_mode == "fused":
-        return {"autoencoder": adam([*enc.parameters(), *dec.parameters()]),
-                "critics": adam([*nets.d_z.parameters(), *nets.d_y.parameters(),
-                                 *nets.correlation.parameters()])}
-    optimizers = {
-        "reconstruction": adam([*enc.parameters(), *dec.parameters()], loss.reconstruction),
-        "discriminators": adam([*nets.d_z.parameters(), *nets.d_y.parameters()]),
-        "adversarial_z": adam(enc.z_branch_parameters(), loss.adversarial_z),
-        "adversarial_y": adam(enc.y_branch_parameters(), loss.adversarial_y),
-        "supervised": adam(enc.y_branch_parameters(), loss.supervised),
-        "correlation": adam(nets.correlation.parameters()),
-        "decorrelation": adam(enc.z_branch_parameters(), loss.decorrelation),
-    }
-    if loss.consistency > 0:
-        # Only when used, so that checkpoints of runs without it keep resuming.
-        optimizers["consistency"] = adam(enc.y_branch_parameters(), loss.consistency)
-    if loss.vat > 0:
-        optimizers["vat"] = adam(enc.y_branch_parameters(), loss.vat)
-    return optimizers
-
-
-def lr_factor(epoch: int, config: Config) -> float:
-    drops = sum(1 for milestone in config.train.lr_milestones if epoch >= milestone)
-    return config.train.lr_decay ** drops
-
+# ------------------------------------------------------------------------ iteration
 
 def planned_steps(config: Config, steps_per_epoch: int) -> int:
     """All epochs, or train.max_steps when that comes first."""
     total = config.train.epochs * steps_per_epoch
     return total if config.train.max_steps is None else min(total, config.train.max_steps)
 
-
-def set_lr_factor(optimizers: dict, factor: float) -> None:
-    for optimizer in optimizers.values():
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-
-
-# ------------------------------------------------------------------------ iteration
 
 def weights_at_epoch(loss: LossConfig, epoch: int) -> LossConfig:
     """The loss weights in force at ``epoch``: a term with a start epoch
@@ -391,7 +344,7 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
         while step < total_steps:
             epoch, step_in_epoch = divmod(step, batches.steps_per_epoch)
             if step_in_epoch == 0 or steps_timed == 0:
-                set_lr_factor(optimizers, lr_factor(epoch, config))
+                set_learning_rates(optimizers, epoch, config)
             losses = training_iteration(setup.ctx, optimizers, batches, epoch, step_in_epoch, config)
             tracker.add(step, losses)
             step += 1
@@ -404,6 +357,9 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
                     for name, value in means.items():
                         writer.add_scalar(f"loss/{name}", value, step)
                     writer.add_scalar("train/lr_factor", lr_factor(epoch, config), step)
+                    if config.train.critic_lr_milestones is not None:
+                        writer.add_scalar("train/critic_lr_factor",
+                                          lr_factor(epoch, config, critic=True), step)
                     writer.add_scalar("train/epoch", epoch, step)
                     writer.add_scalar("perf/images_per_second",
                                       steps_timed * images_per_step / training_seconds(), step)

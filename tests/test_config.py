@@ -40,6 +40,7 @@ def test_saved_config_round_trips(tmp_path):
     ("model.kind=transformer", "model.kind"),
     ("loss.decorrelation_objective=entropy", "loss.decorrelation_objective"),
     ("train.lr_milestones=[50, 20]", "train.lr_milestones"),
+    ("train.critic_lr_milestones=[0]", "train.critic_lr_milestones"),
     ("train.mixed_precision=fp8", "train.mixed_precision"),
     ("data.max_shift=-2", "data.max_shift"),
     ("loss.correlation_input=noisy", "loss.correlation_input"),

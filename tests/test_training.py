@@ -53,6 +53,22 @@ def test_run_folder_holds_config_events_images_checkpoint_metrics(tmp_path):
     assert not list(run.rglob("*.tmp"))
 
 
+@pytest.mark.parametrize("step_mode", ["fused", "reference"])
+def test_critics_keep_their_learning_rate_past_the_milestone_when_told_to(tmp_path, step_mode):
+    # 50 steps per epoch: step 51 is in epoch 1, past the milestone.
+    train(tiny_config(tmp_path, "run.name=r", f"train.step_mode={step_mode}", "train.max_steps=51",
+                      "train.lr_milestones=[1]", "train.lr_decay=0.1",
+                      "train.critic_lr_milestones=[]", "eval.final_test=false",
+                      "eval.probe_epochs=1"))
+    optimizers = checkpoint.load(tmp_path / "r")["optimizers"]
+    critics = {"fused": {"critics"}, "reference": {"discriminators", "correlation"}}[step_mode]
+    assert critics < optimizers.keys()
+    for name, state in optimizers.items():
+        group = state["param_groups"][0]
+        expected = group["base_lr"] * (1.0 if name in critics else 0.1)
+        assert group["lr"] == pytest.approx(expected), name
+
+
 @pytest.mark.parametrize("overrides", [
     ("train.step_mode=fused", "data.max_shift=2", "loss.correlation_input=clean",
      "loss.consistency=2", "loss.vat=1", "model.input_noise=0"),
