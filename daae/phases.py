@@ -300,7 +300,6 @@ def _loss_scale(ctx: StepContext) -> float:
 
 def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
                x_u: torch.Tensor, x_l: torch.Tensor, y_l: torch.Tensor, weights,
-               decorrelate: bool, objective: str, target_kind: str,
                x_clean: torch.Tensor | None = None):
     """Every loss from one encoder forward over [x_u; x_l] and one pass
     through each critic.
@@ -310,6 +309,8 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     to fool them; the encoder and decoder then take one step on their losses
     plus those code gradients. Critic and encoder are judged by the same
     (pre-update) critics: simultaneous rather than alternating updates.
+    ``weights`` is the loss config in force: each term's weight (a zero
+    decorrelation leaves it out), the decorrelation's objective and C's target.
     ``x_clean``, the unlabelled images unaltered, is encoded without noise in
     the same forward (DDP allows one per backward; batch norm then normalises
     over all parts) when C and the decorrelation read its codes
@@ -318,6 +319,7 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     the perturbed unaltered images are a fourth part of that forward.
     """
     on_clean = weights.correlation_input == "clean"
+    decorrelate, objective = weights.decorrelation > 0, weights.decorrelation_objective
     if x_clean is None and reads_clean_images(weights):
         raise ValueError("fused_step: loss.correlation_input=clean, loss.consistency > 0 or "
                          "loss.vat > 0 reads the unaltered unlabelled images; pass them as x_clean")
@@ -336,7 +338,7 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     logits_perturbed = logits_all[n + n_l + n_clean:].float()
     q = logits_y.softmax(1)
     logits_c_input, z_c_input = (logits_clean, z_clean) if on_clean else (logits_y, z)
-    targets = correlation_targets(logits_c_input, target_kind)
+    targets = correlation_targets(logits_c_input, weights.correlation_target)
 
     z_at_dz, q_at_dy, z_at_c = (code.detach().requires_grad_() for code in (z, q, z_c_input))
     real_z, (real_y, counts_y) = ctx.prior_z(n, z.device), ctx.prior_y(n, z.device)

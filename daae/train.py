@@ -72,11 +72,9 @@ def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: Devic
     x_u = random_shift(x_u, config.data.max_shift, ctx.generator)
     x_l = random_shift(x_l, config.data.max_shift, ctx.generator)
     x_c = x_clean if clean else x_u
-    decorrelate = loss.decorrelation > 0
     if config.train.step_mode == "fused":
         return phases.fused_step(ctx, optimizers["autoencoder"], optimizers["critics"], x_u, x_l,
-                                 y_l, loss, decorrelate, loss.decorrelation_objective,
-                                 loss.correlation_target, x_clean)
+                                 y_l, loss, x_clean)
     out = {}
     if loss.reconstruction > 0:
         out |= phases.reconstruction_phase(ctx, optimizers["reconstruction"], x_u, loss.reconstruction)
@@ -95,7 +93,7 @@ def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: Devic
                                                 loss.vat_epsilon)
     out |= phases.correlation_phase(ctx, optimizers["correlation"], x_c, loss.correlation_target,
                                     clean)
-    if decorrelate:
+    if loss.decorrelation > 0:
         out |= phases.decorrelation_phase(ctx, optimizers["decorrelation"], x_c, loss.decorrelation,
                                           loss.decorrelation_objective, loss.correlation_target,
                                           clean)

@@ -115,7 +115,7 @@ def test_fused_step_gradients_equal_the_plainly_computed_ones(tmp_path, objectiv
     state = setup.generator.get_state()
 
     phases.fused_step(setup.ctx, setup.optimizers["autoencoder"], setup.optimizers["critics"],
-                      x_u, x_l, y_l, config.loss, True, objective, "soft", x_clean)
+                      x_u, x_l, y_l, config.loss, x_clean)
 
     critic_grads, autoencoder_grads = _explicit_gradients(before, state, setup.ctx, x_u, x_l, y_l,
                                                           config.loss, objective, x_clean)
