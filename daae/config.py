@@ -347,6 +347,10 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _increasing_epochs(milestones: list[int]) -> bool:
+    return milestones == sorted(milestones) and all(m >= 1 for m in milestones)
+
+
 def validate(config: Config) -> None:
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
@@ -379,12 +383,9 @@ def validate(config: Config) -> None:
     _require(train.max_steps is None or train.max_steps >= 1, "train.max_steps",
              "must be at least 1, or null to run every epoch")
     _require(train.lr > 0, "train.lr", "must be positive")
-    _require(train.lr_milestones == sorted(train.lr_milestones)
-             and all(m >= 1 for m in train.lr_milestones),
+    _require(_increasing_epochs(train.lr_milestones),
              "train.lr_milestones", "must be increasing epoch numbers, each at least 1")
-    _require(train.critic_lr_milestones is None
-             or (train.critic_lr_milestones == sorted(train.critic_lr_milestones)
-                 and all(m >= 1 for m in train.critic_lr_milestones)),
+    _require(train.critic_lr_milestones is None or _increasing_epochs(train.critic_lr_milestones),
              "train.critic_lr_milestones",
              "must be increasing epoch numbers, each at least 1 ([] for none), or null to follow "
              "train.lr_milestones")
