@@ -71,11 +71,11 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     mixed_precision: str = "no"  # no | bf16 | fp16
-    # reference: six phases (one more each for loss.consistency and loss.vat),
-    # each its own forward and optimizer step, in DESIGN.md order; fused: one
-    # encoder forward (and VAT's power iteration before it) and one
-    # pass through each critic feed every loss, then one critic step and one
-    # encoder/decoder step.
+    # reference: six phases (one more each for loss.consistency, loss.vat and
+    # loss.independence), each its own forward and optimizer step, in
+    # DESIGN.md order; fused: one encoder forward (and VAT's power iteration
+    # before it) and one pass through each critic feed every loss, then one
+    # critic step and one encoder/decoder step.
     step_mode: str = "reference"  # reference | fused
     # torch.compile the networks each step trains: no | default | reduce-overhead
     # (adds CUDA graphs, for a GPU step bound by kernel launches) | max-autotune.
@@ -126,6 +126,12 @@ class LossConfig:
     # "Virtual adversarial training"); started later, it refines the clusters
     # that the supervised and consistency terms have formed.
     vat_start_epoch: int = 0
+    # Independence (not in the paper): the normalised HSIC between z and C's
+    # targets on the rows C reads (daae/dependence.py), added to the encoder's
+    # loss with this weight from loss.decorrelation_start_epoch on. C can be
+    # fooled while a fresh classifier still reads the class from z; this
+    # kernel measure has no network to fool. 0: off.
+    independence: float = 0.0
 
 
 @dataclass
@@ -393,7 +399,7 @@ def validate(config: Config) -> None:
     _require(0 <= train.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
     _require(0 <= train.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
     for name in ("reconstruction", "adversarial_z", "adversarial_y", "supervised", "decorrelation",
-                 "consistency", "vat"):
+                 "consistency", "vat", "independence"):
         _require(getattr(loss, name) >= 0, f"loss.{name}",
                  f"must be 0 or more (0 turns the phase off), got {getattr(loss, name)}")
     _require(loss.consistency == 0 or data.max_shift > 0 or model.input_noise > 0,

@@ -38,6 +38,8 @@ def build_optimizers(nets, config: Config) -> dict[str, torch.optim.Optimizer]:
         optimizers["consistency"] = adam(enc.y_branch_parameters(), loss.consistency)
     if loss.vat > 0:
         optimizers["vat"] = adam(enc.y_branch_parameters(), loss.vat)
+    if loss.independence > 0:
+        optimizers["independence"] = adam(enc.z_branch_parameters(), loss.independence)
     return optimizers
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dependence import class_rows, normalised_hsic
 from .models import Networks
 
 
@@ -272,6 +273,16 @@ def decorrelation_phase(ctx: StepContext, optimizer, x: torch.Tensor, weight: fl
     return {"decorrelation": loss.detach()}
 
 
+def independence_phase(ctx: StepContext, optimizer, x: torch.Tensor, weight: float,
+                       target_kind: str, clean: bool = False):
+    with ctx.accelerator.autocast():
+        logits_y, z = ctx.wrapped["encoder"](x if clean else ctx.noisy(x))
+    classes = class_rows(correlation_targets(logits_y, target_kind), ctx.num_classes)
+    loss = normalised_hsic(z, classes)
+    ctx.step(optimizer, weight * loss)
+    return {"independence": loss.detach()}
+
+
 # ------------------------------------------------------------------- fused step
 
 def _fooling_gradient(critic_input_grad: torch.Tensor, fake_logits: torch.Tensor,
@@ -385,6 +396,9 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     if weights.vat > 0:
         losses["vat"] = consistency_loss(logits_perturbed, logits_clean)
         total = total + weights.vat * losses["vat"]
+    if weights.independence > 0:
+        losses["independence"] = normalised_hsic(z_c_input, class_rows(targets, ctx.num_classes))
+        total = total + weights.independence * losses["independence"]
     if decorrelate and on_clean:
         # The clean rows feed only C: their gradient is a surrogate of its own.
         total = total + (z_c_input * grad_decorrelation).sum()

@@ -25,7 +25,8 @@ from .runs import CONFIG_FILE, METRICS_FILE, build_networks, new_run_dir, write_
 log = logging.getLogger(__name__)
 
 LOSS_NAMES = ("reconstruction", "discriminator_z", "discriminator_y", "adversarial_z",
-              "adversarial_y", "supervised", "correlation", "decorrelation", "consistency", "vat")
+              "adversarial_y", "supervised", "correlation", "decorrelation", "consistency", "vat",
+              "independence")
 NETWORK_ORDER = ("encoder", "decoder", "d_z", "d_y", "correlation")
 
 
@@ -50,11 +51,14 @@ def planned_steps(config: Config, steps_per_epoch: int) -> int:
 
 def weights_at_epoch(loss: LossConfig, epoch: int) -> LossConfig:
     """The loss weights in force at ``epoch``: a term with a start epoch
-    (``loss.<term>_start_epoch``) weighs 0 before it, so each step until then
-    is exactly the step without it (for VAT: no power iteration, no perturbed
-    rows, and no clean rows that only VAT would read)."""
-    waiting = {term: 0.0 for term in ("decorrelation", "vat")
-               if getattr(loss, term) > 0 and epoch < getattr(loss, f"{term}_start_epoch")}
+    (``loss.<term>_start_epoch``; the independence term shares the
+    decorrelation's) weighs 0 before it, so each step until then is exactly
+    the step without it (for VAT: no power iteration, no perturbed rows, and
+    no clean rows that only VAT would read)."""
+    starts = {"decorrelation": loss.decorrelation_start_epoch,
+              "independence": loss.decorrelation_start_epoch, "vat": loss.vat_start_epoch}
+    waiting = {term: 0.0 for term, start in starts.items()
+               if getattr(loss, term) > 0 and epoch < start}
     return dataclasses.replace(loss, **waiting) if waiting else loss
 
 
@@ -97,6 +101,9 @@ def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: Devic
         out |= phases.decorrelation_phase(ctx, optimizers["decorrelation"], x_c, loss.decorrelation,
                                           loss.decorrelation_objective, loss.correlation_target,
                                           clean)
+    if loss.independence > 0:
+        out |= phases.independence_phase(ctx, optimizers["independence"], x_c, loss.independence,
+                                         loss.correlation_target, clean)
     return out
 
 

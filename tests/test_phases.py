@@ -34,6 +34,20 @@ def _written_out_perturbation(encoder, x, epsilon, generator):
     return epsilon * _unit(grad)
 
 
+def _written_out_hsic(z, classes):
+    """Normalised HSIC from its definition: tr(KHLH) / sqrt(tr(KHKH) tr(LHLH)),
+    H the centring matrix, K the mean of Gaussian kernels at the factors of
+    the median off-diagonal squared distance, L the classes' linear kernel."""
+    n = len(z)
+    centring = torch.eye(n) - torch.full((n, n), 1 / n)
+    squared = torch.cdist(z, z).pow(2)
+    median = squared.detach()[~torch.eye(n, dtype=torch.bool)].median()
+    kernel = sum(torch.exp(-squared / (f * median)) for f in (0.25, 1.0, 4.0)) / 3
+    labels = classes @ classes.T
+    hsic = lambda a, b: torch.trace(a @ centring @ b @ centring)
+    return hsic(kernel, labels) / (hsic(kernel, kernel) * hsic(labels, labels)).sqrt()
+
+
 def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, objective,
                         x_clean=None):
     """Every loss written out on copies of the networks taken before the step,
@@ -90,20 +104,25 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
     if weights.vat > 0:
         vat = _written_out_consistency(logits_all[n + n_l + n_clean:], logits_clean)
         autoencoder_loss = autoencoder_loss + weights.vat * vat
+    if weights.independence > 0:
+        autoencoder_loss = autoencoder_loss + weights.independence * _written_out_hsic(z_c_input, targets)
     autoencoder = [*nets.encoder.parameters(), *nets.decoder.parameters()]
     return critic_grads, torch.autograd.grad(autoencoder_loss, autoencoder)
 
 
-@pytest.mark.parametrize("objective,correlation_input,consistency,vat", [
-    ("maximize_ce", "training", 0, 0), ("uniform", "training", 0, 0), ("maximize_ce", "clean", 0, 0),
-    ("uniform", "clean", 0, 0), ("uniform", "clean", 1.7, 0), ("maximize_ce", "training", 1.7, 0),
-    ("uniform", "clean", 1.7, 0.8), ("maximize_ce", "training", 0, 0.8)])
-def test_fused_step_gradients_equal_the_plainly_computed_ones(tmp_path, objective,
-                                                              correlation_input, consistency, vat):
+@pytest.mark.parametrize("objective,correlation_input,consistency,vat,independence", [
+    ("maximize_ce", "training", 0, 0, 0), ("uniform", "training", 0, 0, 0),
+    ("maximize_ce", "clean", 0, 0, 0), ("uniform", "clean", 0, 0, 0), ("uniform", "clean", 1.7, 0, 0),
+    ("maximize_ce", "training", 1.7, 0, 0), ("uniform", "clean", 1.7, 0.8, 0),
+    ("maximize_ce", "training", 0, 0.8, 0), ("uniform", "clean", 1.7, 0.8, 2.3),
+    ("maximize_ce", "training", 0, 0, 2.3)])
+def test_fused_step_gradients_equal_the_plainly_computed_ones(tmp_path, objective, correlation_input,
+                                                              consistency, vat, independence):
     config = tiny_config(tmp_path, "train.step_mode=fused", f"loss.decorrelation_objective={objective}",
                          "loss.adversarial_z=0.7", "loss.adversarial_y=1.3", "loss.decorrelation=0.9",
                          f"loss.correlation_input={correlation_input}",
-                         f"loss.consistency={consistency}", f"loss.vat={vat}", "loss.vat_epsilon=1.5")
+                         f"loss.consistency={consistency}", f"loss.vat={vat}", "loss.vat_epsilon=1.5",
+                         f"loss.independence={independence}")
     data = load_data(config.data, config.seed)
     setup = prepare_training(config, make_accelerator("no"), data)
     x_u = data.unlabelled.images[:32].float() / 255
@@ -137,9 +156,10 @@ def test_fooling_gradient_stays_finite_for_a_certain_critic():
     torch.testing.assert_close(grad[1:], expected[1:])
 
 
+@pytest.mark.parametrize("phase", ["decorrelation", "independence"])
 @pytest.mark.parametrize("clean", [False, True])
-def test_reference_correlation_phases_encode_clean_images_without_noise(tmp_path, clean):
-    config = tiny_config(tmp_path, "loss.decorrelation=0.9")
+def test_reference_z_branch_phases_encode_clean_images_without_noise(tmp_path, clean, phase):
+    config = tiny_config(tmp_path, "loss.decorrelation=0.9", "loss.independence=2.3")
     data = load_data(config.data, config.seed)
     setup = prepare_training(config, make_accelerator("no"), data)
     x = data.unlabelled.images[:32].float() / 255
@@ -147,14 +167,26 @@ def test_reference_correlation_phases_encode_clean_images_without_noise(tmp_path
     generator = torch.Generator().set_state(setup.generator.get_state())
     encoded = x if clean else x + setup.ctx.input_noise * torch.randn(x.shape, generator=generator)
 
-    phases.decorrelation_phase(setup.ctx, setup.optimizers["decorrelation"], x, 0.9,
-                               "maximize_ce", "soft", clean)
+    if phase == "decorrelation":
+        phases.decorrelation_phase(setup.ctx, setup.optimizers["decorrelation"], x, 0.9,
+                                   "maximize_ce", "soft", clean)
+    else:
+        losses = phases.independence_phase(setup.ctx, setup.optimizers["independence"], x, 2.3,
+                                           "soft", clean)
 
     logits_y, z = before.encoder(encoded)
-    loss = -0.9 * F.cross_entropy(before.correlation(z), logits_y.softmax(1).detach())
+    targets = logits_y.softmax(1).detach()
+    if phase == "decorrelation":
+        loss = -0.9 * F.cross_entropy(before.correlation(z), targets)
+    else:
+        hsic = _written_out_hsic(z, targets)
+        torch.testing.assert_close(losses["independence"], hsic.detach())
+        loss = 2.3 * hsic
     expected = torch.autograd.grad(loss, list(before.encoder.z_branch_parameters()))
     for param, grad in zip(setup.nets.encoder.z_branch_parameters(), expected):
         torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
+    for param in setup.nets.encoder.y_head.parameters():
+        assert param.grad is None or not param.grad.any()
 
 
 def test_reference_consistency_phase_pulls_training_inputs_toward_the_clean_images(tmp_path):
@@ -220,8 +252,9 @@ def test_reference_virtual_adversarial_phase_pulls_perturbed_images_toward_the_c
         torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("term,start", [("vat", "vat"), ("independence", "decorrelation")])
 @pytest.mark.parametrize("step_mode", ["fused", "reference"])
-def test_vat_before_its_start_epoch_is_the_step_without_it(tmp_path, step_mode):
+def test_a_term_before_its_start_epoch_is_the_step_without_it(tmp_path, step_mode, term, start):
     from daae.train import training_iteration
 
     def first_step(epoch, *overrides):
@@ -230,13 +263,13 @@ def test_vat_before_its_start_epoch_is_the_step_without_it(tmp_path, step_mode):
         losses = training_iteration(setup.ctx, setup.optimizers, setup.batches, epoch, 0, config)
         return losses, dict(setup.nets.named_parameters())
 
-    waiting, waiting_params = first_step(1, "loss.vat=0.8", "loss.vat_start_epoch=2")
-    without, without_params = first_step(1, "loss.vat=0")
-    started, _ = first_step(2, "loss.vat=0.8", "loss.vat_start_epoch=2")
+    waiting, waiting_params = first_step(1, f"loss.{term}=0.8", f"loss.{start}_start_epoch=2")
+    without, without_params = first_step(1, f"loss.{term}=0", f"loss.{start}_start_epoch=2")
+    started, _ = first_step(2, f"loss.{term}=0.8", f"loss.{start}_start_epoch=2")
 
-    assert waiting.keys() == without.keys() and "vat" not in waiting
+    assert waiting.keys() == without.keys() and term not in waiting
     for name in waiting:
         assert torch.equal(waiting[name], without[name]), name
     for name, param in waiting_params.items():
         assert torch.equal(param, without_params[name]), name
-    assert started["vat"] > 0
+    assert started[term] > 0

@@ -1,0 +1,51 @@
+"""A kernel measure of how much z depends on the class, for the independence
+term (``loss.independence``): the normalised Hilbert-Schmidt independence
+criterion (Gretton et al. 2005), i.e. the centred kernel alignment of
+Kornblith et al. (2019), between z under Gaussian kernels and the class
+probabilities under a linear kernel.
+
+Why beside the adversary C: C is one network at one moment, and the encoder
+can make it fail while z still carries the class in a form a freshly trained
+classifier reads (Elazar & Goldberg 2018; the MLP probe here). HSIC with a
+characteristic kernel on z is zero only when z and the class are independent,
+and has no network for the encoder to outrun.
+"""
+from __future__ import annotations
+
+import torch
+
+# Gaussian kernels at these multiples of the batch's median squared distance:
+# one scale alone misses dependence much finer or coarser than typical pairs.
+BANDWIDTH_FACTORS = (0.25, 1.0, 4.0)
+
+
+def _centred(kernel: torch.Tensor) -> torch.Tensor:
+    return (kernel - kernel.mean(0, keepdim=True) - kernel.mean(1, keepdim=True)
+            + kernel.mean())
+
+
+def class_rows(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """C's targets as rows of class probabilities: soft ones as they are,
+    hard ones (class indices) one-hot."""
+    if targets.dim() == 1:
+        return torch.nn.functional.one_hot(targets, num_classes).float()
+    return targets.float()
+
+
+def normalised_hsic(z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """In [0, 1], higher when z tells more about the class; the gradient
+    reaches ``z`` only (``classes``, rows of class probabilities, is held
+    fixed). The kernels' bandwidths come from the batch itself, so the value
+    does not change when z is rescaled, and the measure is a ratio, so the
+    encoder cannot lower it by shrinking z."""
+    z = z.float()
+    squared_distances = (z[:, None, :] - z[None, :, :]).pow(2).sum(-1)
+    off_diagonal = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
+    median = squared_distances.detach()[off_diagonal].median().clamp_min(1e-12)
+    z_kernel = sum(torch.exp(-squared_distances / (factor * median))
+                   for factor in BANDWIDTH_FACTORS) / len(BANDWIDTH_FACTORS)
+    classes = classes.detach().float()
+    z_centred, class_centred = _centred(z_kernel), _centred(classes @ classes.T)
+    cross = (z_centred * class_centred).sum()
+    norms = (z_centred.pow(2).sum() * class_centred.pow(2).sum()).sqrt()
+    return cross / norms.clamp_min(1e-12)
