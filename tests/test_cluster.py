@@ -504,6 +504,33 @@ def test_slurm_script_runs_the_search_on_a_head_and_a_worker_node(tmp_path):
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_slurm_script_ends_when_a_ray_node_will_not_stop(tmp_path):
+    """A head that never answers fails the job; a Ray node that ignores the
+    stop signal is killed after RAY_STOP_TIMEOUT rather than holding the
+    allocation until its time limit."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    stubborn_srun = ('#!/bin/bash\necho $$ >> "$FAKE_SLURM_PIDS"\n'
+                     "trap '' TERM\nexec sleep 300\n")
+    for name, text in (("srun", stubborn_srun), ("scontrol", FAKE_SCONTROL),
+                       ("ray", "#!/bin/bash\nexit 1\n")):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PATH=f"{fake}{os.pathsep}{env['PATH']}", DAAE_VENV=str(tmp_path / "no_venv"),
+               SLURM_JOB_NODELIST="node[0-1]", FAKE_SLURM_NODES="node0 node1",
+               FAKE_SLURM_PIDS=str(tmp_path / "pids"), RAY_HEAD_IP="127.0.0.1",
+               RAY_NODE_TIMEOUT="1", RAY_STOP_TIMEOUT="2")
+    started = time.monotonic()
+    done = subprocess.run(["bash", CLUSTER / "slurm" / "tune.sbatch", "configs/tune/smoke.yaml"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 1 and "the Ray head did not come up" in done.stderr
+    assert time.monotonic() - started < 60
+    (pid,) = map(int, (tmp_path / "pids").read_text().split())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
 # Node deaths must show within seconds rather than Ray's default ~30 s.
 FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
                           "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
