@@ -7,9 +7,10 @@
 1. bench_step on the device (MLP and conv, fp32 and bf16): daae's two step
    orders against the plain reference loop.
 2. One `daae train` per seed and arm (``on``: the config as it is; ``off``:
-   ``loss.decorrelation=0``), all at once on the one GPU: a step bound by
-   kernel launches leaves the GPU idle between them, which other runs can use
-   (not yet measured here; bench_tune measures it for trials).
+   ``loss.decorrelation=0 loss.independence=0``), all at once on the one GPU:
+   a step bound by kernel launches leaves the GPU idle between them, which
+   other runs can use (not yet measured here; bench_tune measures it for
+   trials).
    Runs still going at the deadline are stopped; their curves come back all
    the same, and their last checkpoints are evaluated on the test split.
 3. Into --out, at most 8 files, none nested deeper than the machine returns:
@@ -40,7 +41,9 @@ from daae.config import load_config
 
 log = logging.getLogger("device_session")
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = {"on": [], "off": ["loss.decorrelation=0"]}
+# "off" removes both class-removing terms: the independence term alone also
+# pushes the class out of z (README "An independence term").
+ARMS = {"on": [], "off": ["loss.decorrelation=0", "loss.independence=0"]}
 STOPPED = "stopped at the deadline"
 STOPPED_METRICS = "checkpoint_test.json"
 RETURNED = ("config.yaml", "metrics.json", STOPPED_METRICS, "events.out.tfevents.*")

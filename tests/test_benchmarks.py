@@ -63,8 +63,9 @@ def test_device_session_trains_every_arm_and_packs_what_comes_back(tmp_path):
     assert not any(n.endswith(".pt") for n in names)
     session = json.loads((out / "session.json").read_text())
     assert session["runs"] == {"on-seed0": 0, "off-seed0": 0}
-    assert "loss.decorrelation=0" in session["commands"]["off-seed0"]
-    assert "loss.decorrelation=0" not in session["commands"]["on-seed0"]
+    for term in ("loss.decorrelation=0", "loss.independence=0"):
+        assert term in session["commands"]["off-seed0"]
+        assert term not in session["commands"]["on-seed0"]
 
 
 def test_device_session_stops_runs_at_the_deadline_and_evaluates_their_checkpoints(tmp_path):
