@@ -194,9 +194,32 @@ def tensorboard_generation(writer, nets, data: SemiSupervisedData, step: int, *,
         if images_dir is not None:
             save_png(picture, Path(images_dir) / f"{tag.split('/')[-1]}_{step:07d}.png")
 
+    _keep_earlier_embeddings(writer, step)
     subset = images.subset(torch.arange(min(projector_points, len(images))))
     z, predicted = encode_styles(nets, subset.images)
     metadata = [[int(label), int(guess)] for label, guess in zip(subset.labels, predicted)]
     writer.add_embedding(z, metadata=metadata, metadata_header=["label", "predicted"],
                          label_img=to_float(subset.images), global_step=step, tag="z")
     return pictures
+
+
+def _keep_earlier_embeddings(writer, step: int) -> None:
+    """torch's SummaryWriter keeps the projector's config in memory and
+    rewrites projector_config.pbtxt from it at each embedding, so a writer
+    opened on a resumed run would list only the steps written since. Seed it
+    with the file's entries before ``step``: later ones come from a run that
+    crashed after its checkpoint, and are about to be written again."""
+    path = Path(writer.log_dir) / "projector_config.pbtxt"
+    if hasattr(writer, "_projector_config") or not path.is_file():
+        return
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    config = text_format.Parse(path.read_text(), ProjectorConfig())
+    # add_embedding names each entry "<tag>:<step>"; one without a step stays.
+    steps = [entry.tensor_name.rpartition(":")[2] for entry in config.embeddings]
+    kept = [entry for entry, written in zip(config.embeddings, steps)
+            if not written.isdigit() or int(written) < step]
+    del config.embeddings[:]
+    config.embeddings.extend(kept)
+    writer._projector_config = config

@@ -2,6 +2,7 @@
 TensorBoard pictures and generation_consistency, on a run trained in seconds."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -205,6 +206,25 @@ def test_tensorboard_pictures_and_projector(run, tmp_path):
     assert len((projector / "tensors.tsv").read_text().splitlines()) == 50
     with Image.open(projector / "sprite.png") as sprite:
         assert sprite.size == (8 * 28, 8 * 28)  # ceil(sqrt(50)) images a side
+
+
+def test_projector_of_a_resumed_run_lists_every_step_once(run, tmp_path):
+    """A resumed run opens a new writer on the same folder: the projector
+    keeps the steps from before the resume, and a step the crashed run wrote
+    after its checkpoint is listed once, as written again."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    def write(steps):
+        writer = SummaryWriter(str(tmp_path))
+        for step in steps:
+            tensorboard_generation(writer, run.nets, run.data, step=step, rows=1,
+                                   map_points=20, projector_points=5)
+        writer.close()
+
+    write([5, 7, 9])  # checkpoint at 7, crashed after 9
+    write([9, 11])    # resumed at 7
+    config = (tmp_path / "projector_config.pbtxt").read_text()
+    assert re.findall(r'tensor_name: "z:(\d+)"', config) == ["00005", "00007", "00009", "00011"]
 
 
 class _ClassPrototypes(torch.nn.Module):
