@@ -440,6 +440,15 @@ printf '%s\\n' $FAKE_SLURM_NODES
 """
 
 
+def fake_commands(folder: Path, **scripts: str) -> Path:
+    """``folder`` holding an executable script per name, to put first on PATH."""
+    folder.mkdir()
+    for name, text in scripts.items():
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    return folder
+
+
 def alive_ray_processes(pids: list[int], root: Path) -> list[int]:
     """Those of ``pids`` still running as Ray processes of this test (their
     environment names its RAY_TMPDIR): a finished pid may have been reused."""
@@ -459,11 +468,7 @@ def test_slurm_script_runs_the_search_on_a_head_and_a_worker_node(tmp_path):
     """cluster/slurm/tune.sbatch as SLURM runs it on a two-node allocation,
     with srun and scontrol standing in: `ray start --head`, `ray start
     --address` on the other node, then `daae tune --address` over both."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (fake / name).write_text(text)
-        (fake / name).chmod(0o755)
+    fake = fake_commands(tmp_path / "bin", srun=FAKE_SRUN, scontrol=FAKE_SCONTROL)
     root = ray_home()
     head_ip, port = head_address(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -508,14 +513,10 @@ def test_slurm_script_ends_when_a_ray_node_will_not_stop(tmp_path):
     """A head that never answers fails the job; a Ray node that ignores the
     stop signal is killed after RAY_STOP_TIMEOUT rather than holding the
     allocation until its time limit."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
     stubborn_srun = ('#!/bin/bash\necho $$ >> "$FAKE_SLURM_PIDS"\n'
                      "trap '' TERM\nexec sleep 300\n")
-    for name, text in (("srun", stubborn_srun), ("scontrol", FAKE_SCONTROL),
-                       ("ray", "#!/bin/bash\nexit 1\n")):
-        (fake / name).write_text(text)
-        (fake / name).chmod(0o755)
+    fake = fake_commands(tmp_path / "bin", srun=stubborn_srun, scontrol=FAKE_SCONTROL,
+                         ray="#!/bin/bash\nexit 1\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PATH=f"{fake}{os.pathsep}{env['PATH']}", DAAE_VENV=str(tmp_path / "no_venv"),
                SLURM_JOB_NODELIST="node[0-1]", FAKE_SLURM_NODES="node0 node1",
