@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import random
 import re
 import shlex
 import shutil
@@ -345,9 +346,21 @@ WORKER_IP = "127.0.0.2"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and below the kernel's ephemeral range: a port from
+    bind(0) lies inside it, where the processes Ray starts meanwhile (each
+    bind(0) and outgoing connection) may take it before Ray binds it. Above
+    Ray's default worker ports (10002-19999)."""
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    ephemeral_low = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
+    candidates = range(20000, ephemeral_low)
+    for port in random.Random().sample(candidates, min(200, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 20000-{ephemeral_low}")
 
 
 def ray_home() -> Path:
