@@ -571,9 +571,8 @@ def ray_cluster():
                      "dashboard_agent_listen_port": free_port(),
                      "_system_config": FAST_FAILURE_DETECTION}
         if dashboard:
-            # None: Ray tries 8265 and the next 50 ports itself. A port from
-            # free_port() lies in the ephemeral range, where the head's own
-            # processes may take it before the dashboard binds it.
+            # None: Ray tries 8265 and the next 50 ports itself, so a port
+            # taken between our choice and its bind costs a retry, not the run.
             head_args.update(dashboard_host="127.0.0.1", dashboard_port=None)
         cluster = Cluster(initialize_head=True, head_node_args=head_args)
         try:
