@@ -42,7 +42,7 @@ from daae.config import load_config
 log = logging.getLogger("device_session")
 ROOT = Path(__file__).resolve().parents[1]
 # "off" removes both class-removing terms: the independence term alone also
-# pushes the class out of z (README "An independence term").
+# pushes the class out of z (docs/results.md "An independence term").
 ARMS = {"on": [], "off": ["loss.decorrelation=0", "loss.independence=0"]}
 STOPPED = "stopped at the deadline"
 STOPPED_METRICS = "checkpoint_test.json"

@@ -122,7 +122,7 @@ class LossConfig:
     vat: float = 0.0
     vat_epsilon: float = 2.0
     # First epoch with the VAT term. From the start, VAT can settle a labelled
-    # subset on a wrong partition within a few hundred steps (seed 2, README
+    # subset on a wrong partition within a few hundred steps (seed 2, docs/results.md
     # "Virtual adversarial training"); started later, it refines the clusters
     # that the supervised and consistency terms have formed.
     vat_start_epoch: int = 0

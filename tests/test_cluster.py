@@ -324,14 +324,26 @@ def test_slurm_search_script_starts_head_then_workers_then_the_search():
 
 # ---------------------------------------------------------------------------- docs
 
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def test_docs_name_only_files_that_exist():
-    text = (ROOT / "README.md").read_text()
     paths = r"\b((?:cluster|configs)/[\w./-]+\.(?:ya?ml|sbatch|md)|cluster/Dockerfile)\b"
-    named = set(re.findall(paths, text))
+    named = {doc: set(re.findall(paths, doc.read_text())) for doc in DOCS}
     assert {"cluster/aws.yaml", "cluster/gcp.yaml", "cluster/kuberay/raycluster.yaml",
-            "cluster/slurm/tune.sbatch", "cluster/accelerate/multi_node.yaml"} <= named
-    missing = sorted(p for p in named if not (ROOT / p).exists())
+            "cluster/slurm/tune.sbatch", "cluster/accelerate/multi_node.yaml"} <= named[ROOT / "README.md"]
+    missing = sorted(f"{doc.name}: {p}" for doc, ps in named.items() for p in ps
+                     if not (ROOT / p).exists())
     assert not missing
+
+
+def test_docs_links_and_images_resolve():
+    # Markdown links are relative to the file that holds them (docs/results.md
+    # shows its plots as "x.png", README as "docs/x.png").
+    broken = sorted(f"{doc.name}: {target}" for doc in DOCS
+                    for target in re.findall(r"\]\(([^)#\s]+)\)", doc.read_text())
+                    if "://" not in target and not (doc.parent / target).exists())
+    assert not broken
 
 
 # ------------------------------------------------------ real Ray clusters on this machine
