@@ -68,6 +68,11 @@ class TrainConfig:
     # tracks a slowly moving z and the decorrelation pushes against the class
     # information z really holds, not against a C that lags behind it.
     critic_lr_milestones: Optional[list[int]] = None
+    # C's learning rate as a multiple of the critics' (train.lr, under
+    # critic_lr_milestones). C learns online against a z the encoder keeps
+    # moving; a C that lags is fooled while a fresh classifier (the MLP probe)
+    # still reads the class from z.
+    correlation_lr_scale: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     mixed_precision: str = "no"  # no | bf16 | fp16
@@ -396,6 +401,7 @@ def validate(config: Config) -> None:
              "must be increasing epoch numbers, each at least 1 ([] for none), or null to follow "
              "train.lr_milestones")
     _require(0 < train.lr_decay <= 1, "train.lr_decay", "must be in (0, 1]")
+    _require(train.correlation_lr_scale > 0, "train.correlation_lr_scale", "must be positive")
     _require(0 <= train.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
     _require(0 <= train.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
     for name in ("reconstruction", "adversarial_z", "adversarial_y", "supervised", "decorrelation",

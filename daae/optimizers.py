@@ -10,27 +10,34 @@ def build_optimizers(nets, config: Config) -> dict[str, torch.optim.Optimizer]:
     """One Adam per phase (reference) or per side (fused), in a fixed order."""
     train, loss = config.train, config.loss
 
-    def adam(params, weight: float = 1.0):
+    def adam(params, weight: float = 1.0, lr_scale: float = 1.0, correlation_params=None):
         lr = train.lr * (weight if train.weights_scale_lr and train.step_mode == "reference" else 1.0)
+        groups = [{"params": list(params), "base_lr": lr * lr_scale}]
+        if correlation_params is not None:
+            groups.append({"params": list(correlation_params),
+                           "base_lr": lr * train.correlation_lr_scale})
+        for group in groups:
+            group["lr"] = group["base_lr"]
         # fused: one kernel for all parameters instead of several per tensor (CPU and GPU).
-        optimizer = torch.optim.Adam(params, lr=lr, betas=(train.adam_beta1, train.adam_beta2),
-                                     fused=True)
-        for group in optimizer.param_groups:
-            group["base_lr"] = lr
-        return optimizer
+        return torch.optim.Adam(groups, betas=(train.adam_beta1, train.adam_beta2), fused=True)
 
     enc, dec = nets.encoder, nets.decoder
     if train.step_mode == "fused":
-        return {"autoencoder": adam([*enc.parameters(), *dec.parameters()]),
-                "critics": adam([*nets.d_z.parameters(), *nets.d_y.parameters(),
-                                 *nets.correlation.parameters()])}
+        discriminators = [*nets.d_z.parameters(), *nets.d_y.parameters()]
+        # C gets a group of its own only when its rate differs: runs without
+        # the option keep the optimizer (and checkpoints) they always had.
+        if train.correlation_lr_scale == 1.0:
+            critics = adam([*discriminators, *nets.correlation.parameters()])
+        else:
+            critics = adam(discriminators, correlation_params=nets.correlation.parameters())
+        return {"autoencoder": adam([*enc.parameters(), *dec.parameters()]), "critics": critics}
     optimizers = {
         "reconstruction": adam([*enc.parameters(), *dec.parameters()], loss.reconstruction),
         "discriminators": adam([*nets.d_z.parameters(), *nets.d_y.parameters()]),
         "adversarial_z": adam(enc.z_branch_parameters(), loss.adversarial_z),
         "adversarial_y": adam(enc.y_branch_parameters(), loss.adversarial_y),
         "supervised": adam(enc.y_branch_parameters(), loss.supervised),
-        "correlation": adam(nets.correlation.parameters()),
+        "correlation": adam(nets.correlation.parameters(), lr_scale=train.correlation_lr_scale),
         "decorrelation": adam(enc.z_branch_parameters(), loss.decorrelation),
     }
     if loss.consistency > 0:
@@ -59,3 +66,21 @@ def set_learning_rates(optimizers: dict, epoch: int, config: Config) -> None:
         factor = lr_factor(epoch, config, critic=name in CRITIC_OPTIMIZERS)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Adam's moments from a checkpoint, the hyperparameters of the config
+    being resumed with (an override such as train.lr=... must win). The
+    parameters may be grouped otherwise than when it was saved (e.g.
+    train.correlation_lr_scale changed on resume): the moments are indexed by
+    position across groups, so the same parameters in the same order fit."""
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        current = optimizer.state_dict()["param_groups"]
+        if (sum(len(g["params"]) for g in saved["param_groups"])
+                != sum(len(g["params"]) for g in current)):
+            raise ValueError("the checkpoint holds another number of parameters than this model")
+        saved = {"state": saved["state"], "param_groups": current}
+    optimizer.load_state_dict(saved)
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)

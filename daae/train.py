@@ -18,7 +18,7 @@ from .config import Config, ConfigError, LossConfig, save_config, to_dict
 from .data import DeviceBatches, load_data, random_shift, to_float
 from .evaluate import evaluate, tensorboard_tags
 from .grids import reconstruction_grid, save_png
-from .optimizers import build_optimizers, lr_factor, set_learning_rates
+from .optimizers import build_optimizers, lr_factor, restore_optimizer, set_learning_rates
 from .sample import tensorboard_generation
 from .runs import CONFIG_FILE, METRICS_FILE, build_networks, new_run_dir, write_json
 
@@ -209,12 +209,10 @@ def _restore(state: dict, nets, optimizers, generator, accelerator, path) -> int
     except RuntimeError as exc:
         raise checkpoint.CheckpointError(f"{path} does not fit this model: {exc}") from None
     for name, optimizer in optimizers.items():
-        # Keep the hyperparameters of the config being resumed with (an override
-        # such as train.lr=... must win); take only Adam's moments from the file.
-        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(state["optimizers"][name])
-        for group, settings in zip(optimizer.param_groups, configured):
-            group.update(settings)
+        try:
+            restore_optimizer(optimizer, state["optimizers"][name])
+        except ValueError as exc:
+            raise checkpoint.CheckpointError(f"{path}: optimizer {name!r}: {exc}") from None
     states = state["rng"]["generators"]
     if len(states) == accelerator.num_processes:
         generator.set_state(states[accelerator.process_index])

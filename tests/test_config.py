@@ -41,6 +41,7 @@ def test_saved_config_round_trips(tmp_path):
     ("loss.decorrelation_objective=entropy", "loss.decorrelation_objective"),
     ("train.lr_milestones=[50, 20]", "train.lr_milestones"),
     ("train.critic_lr_milestones=[0]", "train.critic_lr_milestones"),
+    ("train.correlation_lr_scale=0", "train.correlation_lr_scale"),
     ("train.mixed_precision=fp8", "train.mixed_precision"),
     ("data.max_shift=-2", "data.max_shift"),
     ("loss.correlation_input=noisy", "loss.correlation_input"),

@@ -69,6 +69,25 @@ def test_critics_keep_their_learning_rate_past_the_milestone_when_told_to(tmp_pa
         assert group["lr"] == pytest.approx(expected), name
 
 
+@pytest.mark.parametrize("step_mode", ["fused", "reference"])
+def test_correlation_lr_scale_sets_cs_rate_and_resumes_a_run_without_it(tmp_path, step_mode):
+    common = ("run.name=r", f"train.step_mode={step_mode}", "eval.final_test=false",
+              "eval.probe_epochs=1")
+    train(tiny_config(tmp_path, *common, "train.max_steps=10"))
+    train(tiny_config(tmp_path, *common, "train.max_steps=20", "train.correlation_lr_scale=3"),
+          resume=tmp_path / "r")
+    optimizers = checkpoint.load(tmp_path / "r")["optimizers"]
+    if step_mode == "fused":
+        discriminators, correlation = optimizers["critics"]["param_groups"]
+    else:
+        (discriminators,) = optimizers["discriminators"]["param_groups"]
+        (correlation,) = optimizers["correlation"]["param_groups"]
+    assert correlation["lr"] == pytest.approx(3 * discriminators["lr"])
+    # Adam's moments of C went on from the first 10 steps, not from zero.
+    state = optimizers["critics" if step_mode == "fused" else "correlation"]["state"]
+    assert all(int(state[index]["step"]) == 20 for index in correlation["params"])
+
+
 @pytest.mark.parametrize("overrides", [
     ("train.step_mode=fused", "data.max_shift=2", "loss.correlation_input=clean",
      "loss.consistency=2", "loss.vat=1", "model.input_noise=0"),
