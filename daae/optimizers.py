@@ -10,16 +10,15 @@ def build_optimizers(nets, config: Config) -> dict[str, torch.optim.Optimizer]:
     """One Adam per phase (reference) or per side (fused), in a fixed order."""
     train, loss = config.train, config.loss
 
-    def adam(params, weight: float = 1.0, lr_scale: float = 1.0, correlation_params=None):
-        lr = train.lr * (weight if train.weights_scale_lr and train.step_mode == "reference" else 1.0)
-        groups = [{"params": list(params), "base_lr": lr * lr_scale}]
-        if correlation_params is not None:
-            groups.append({"params": list(correlation_params),
-                           "base_lr": lr * train.correlation_lr_scale})
-        for group in groups:
-            group["lr"] = group["base_lr"]
+    def adam(params, weight: float = 1.0, lr_scale: float = 1.0):
+        lr = train.lr * lr_scale * (
+            weight if train.weights_scale_lr and train.step_mode == "reference" else 1.0)
         # fused: one kernel for all parameters instead of several per tensor (CPU and GPU).
-        return torch.optim.Adam(groups, betas=(train.adam_beta1, train.adam_beta2), fused=True)
+        optimizer = torch.optim.Adam(params, lr=lr, betas=(train.adam_beta1, train.adam_beta2),
+                                     fused=True)
+        for group in optimizer.param_groups:
+            group["base_lr"] = lr
+        return optimizer
 
     enc, dec = nets.encoder, nets.decoder
     if train.step_mode == "fused":
@@ -29,7 +28,10 @@ def build_optimizers(nets, config: Config) -> dict[str, torch.optim.Optimizer]:
         if train.correlation_lr_scale == 1.0:
             critics = adam([*discriminators, *nets.correlation.parameters()])
         else:
-            critics = adam(discriminators, correlation_params=nets.correlation.parameters())
+            critics = adam(discriminators)
+            correlation_lr = critics.param_groups[0]["base_lr"] * train.correlation_lr_scale
+            critics.add_param_group({"params": list(nets.correlation.parameters()),
+                                     "lr": correlation_lr, "base_lr": correlation_lr})
         return {"autoencoder": adam([*enc.parameters(), *dec.parameters()]), "critics": critics}
     optimizers = {
         "reconstruction": adam([*enc.parameters(), *dec.parameters()], loss.reconstruction),
