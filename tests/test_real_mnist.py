@@ -1,6 +1,4 @@
 """Runs only where real MNIST is available (DAAE_DATA_DIR or ../shared/data/mnist)."""
-import pytest
-
 from daae.config import load_config
 from daae.data import load_data
 from daae.train import train

@@ -33,8 +33,8 @@ from typing import Any, Optional
 
 import yaml
 
-from daae.config import (Config, ConfigError, from_dict, parse_override, read_yaml, set_dotted,
-                         to_dict)
+from daae.config import Config, from_dict, to_dict
+from daae.schema import ConfigError, parse_override, read_yaml, set_dotted
 
 from .objective import FINAL_ONLY_METRICS, TARGETABLE_METRICS, VALIDATION_METRICS, Objective, Target
 from .space import KINDS, Distribution, SearchError
@@ -80,7 +80,7 @@ class FaultInjection:
 
 @dataclass
 class SearchFile:
-    """The YAML's schema (types checked by daae.config's builder)."""
+    """The YAML's schema (types checked by daae.schema's builder)."""
     name: Optional[str] = None
     base: Any = None
     overrides: Any = None

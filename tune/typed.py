@@ -1,11 +1,11 @@
 """Typed mappings -> dataclasses for the search YAML, with the trainer config's
-own checker (daae.config): unknown keys and wrong types raise naming the
+own checker (daae.schema): unknown keys and wrong types raise naming the
 dotted key, here as SearchError."""
 from __future__ import annotations
 
 from typing import Any
 
-from daae.config import ConfigError, build_dataclass, command_line_value
+from daae.schema import ConfigError, build_dataclass, command_line_value
 
 from .space import SearchError
 

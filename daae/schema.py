@@ -1,0 +1,157 @@
+"""Mappings checked against dataclass annotations, and ``dotted.key=value``
+overrides: the machinery under the trainer's config (daae.config) and the
+search files' (tune/). A key the dataclass does not declare, or a value of the
+wrong type, raises naming the dotted key."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------- types
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+class OverrideText(str):
+    """A command-line value: its text, and what YAML reads it as. A str key takes
+    the text, so ``run.name=off`` is the name "off", not YAML 1.1's False."""
+
+    def __new__(cls, text: str, parsed: Any):
+        self = super().__new__(cls, text)
+        self.parsed = parsed
+        return self
+
+    def __getnewargs__(self):  # copy and pickle (Ray ships configs between processes)
+        return str(self), self.parsed
+
+
+def command_line_value(value: Any, hint: Any = None) -> Any:
+    """Resolve an :class:`OverrideText` for a key annotated ``hint``: a text key
+    takes the text, any other key what YAML reads."""
+    if not isinstance(value, OverrideText):
+        return value
+    wants_text = hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                                 and str in typing.get_args(hint) and value.parsed is not None)
+    return str(value) if wants_text else value.parsed
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``hint``; ints pass as floats."""
+    value = command_line_value(value, hint)
+    if hint is Any:
+        return value
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; it is plainly a float here.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key}: expected {name}, got {value!r} ({type(value).__name__})")
+
+
+def build_dataclass(cls, values: Any, prefix: str = ""):
+    """``cls`` from a mapping, checking every key and type; an empty section
+    (None) takes the defaults."""
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f"{prefix}{k}" for k in hints)
+            raise ConfigError(f"unknown key '{dotted}'; known keys here: {known}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = build_dataclass(hint, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, hint, dotted)
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------- overrides
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` with the value read as a YAML scalar or flow list."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}': expected the form dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({exc})") from None
+    if not isinstance(value, (dict, list)):
+        value = OverrideText(raw.strip(), value)
+    return key.strip(), value
+
+
+def set_dotted(values: dict, key: str, value: Any) -> None:
+    node = values
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(values, key, value)
+    return values
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file '{path}': the top level must be a mapping")
+    return values
