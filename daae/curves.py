@@ -10,12 +10,16 @@ labelled by its path relative to --logdir.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import ConfigError
 from .latent_map import BACKGROUND, FRAME, class_colour
 
 DEFAULT_TAGS = ("val/accuracy", "decorrelation/val/adversary_accuracy")
 PANEL_WIDTH, PANEL_HEIGHT, MARGIN = 560, 220, 46
+
+if TYPE_CHECKING:  # PIL is imported where a picture is drawn, not on `import daae`
+    from PIL.Image import Image as PILImage
 
 
 def read_scalars(logdir: str | Path, tags) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -80,7 +84,7 @@ def _panel(draw, font, top: int, tag: str, runs: dict, colours: dict) -> None:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colours[run])
 
 
-def draw_curves(runs: dict, tags) -> "PIL.Image.Image":  # noqa: F821
+def draw_curves(runs: dict, tags) -> PILImage:
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()

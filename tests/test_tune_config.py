@@ -2,6 +2,7 @@
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -10,6 +11,7 @@ from daae.cli import main as daae_main
 from daae.config import ConfigError
 from tune import Objective, SearchError, Target, load_search, parse_search
 from tune.cli import main as tune_main
+from tune.results import collect
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCHES = sorted((ROOT / "configs" / "tune").glob("*.yaml"))
@@ -171,3 +173,20 @@ def test_objective_reads_the_number_of_classes_from_the_report():
                     "adversary_accuracy": 0.25, "probe_accuracy": 0.26}
     assert objective.assess(four_classes)["meets_target"]
     assert not Objective(target=Target(tolerance=0.02, chance=0.1)).assess(four_classes)["meets_target"]
+
+
+def test_trials_rank_finished_by_score_then_stopped_by_depth_then_failed():
+    spec = SimpleNamespace(arms=None, space={"loss.decorrelation": None})
+
+    def trial(name, status, step, score):
+        metrics = {"step": step, "score": score, "final": status == "finished"}
+        return SimpleNamespace(path=f"/exp/{name}", config={"loss.decorrelation": 1.0},
+                               metrics=metrics if status != "error" else {},
+                               error=RuntimeError("boom") if status == "error" else None)
+
+    grid = [trial("early_lucky", "stopped", 500, 0.99), trial("failed", "error", None, None),
+            trial("finished_low", "finished", 3000, 0.90), trial("deeper", "stopped", 1500, 0.80),
+            trial("finished_high", "finished", 3000, 0.95)]
+    rows = collect(spec, grid)
+    assert [r["trial"] for r in rows] == ["finished_high", "finished_low", "deeper", "early_lucky", "failed"]
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]

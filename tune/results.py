@@ -37,7 +37,9 @@ PERCENT = ("accuracy", "adversary_accuracy", "probe_accuracy", "linear_probe_acc
 
 def collect(spec: SearchSpec, grid) -> list[dict]:
     """One row per trial, best first: finished trials by score, then trials
-    that stopped early (ASHA; no final evaluation), then failed ones."""
+    that stopped early (ASHA; no final evaluation) deepest first, then failed
+    ones. Scores of trials stopped at different steps are not comparable: a
+    trial ASHA let run longer outranked its rivals at every rung before."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -56,7 +58,13 @@ def collect(spec: SearchSpec, grid) -> list[dict]:
         row["_params"], row["_path"] = params, str(result.path)
         rows.append(row)
     order = {"finished": 0, "stopped": 1, "error": 2}
-    rows.sort(key=lambda r: (order[r["status"]], -(r["score"] if r["score"] is not None else -math.inf)))
+
+    def best_first(row):
+        reached = row["step"] if row["status"] == "stopped" and row["step"] is not None else 0
+        score = row["score"] if row["score"] is not None else -math.inf
+        return order[row["status"]], -reached, -score
+
+    rows.sort(key=best_first)
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
     return rows
