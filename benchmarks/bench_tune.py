@@ -1,7 +1,7 @@
 """Trials per hour of one fixed small search when 1, 2, 4 or 8 trials share
 one GPU (fractional GPUs), with the GPU's utilisation and peak memory.
 
-    python -m benchmarks.bench_tune [--concurrency 1 2 4 8] [--trials 16]
+    python -m benchmarks.bench_tune [--concurrency 1 2 4 8] [--trials 16 | --trials N1 N2 ...]
                                     [--set overrides.train.max_steps=500 ...]
 
 The search is configs/tune/smoke.yaml's path through Ray Tune (trials, reports,
@@ -12,7 +12,12 @@ CPUs the same way (resources.cpu = CPUs/c), which says little about GPUs but
 keeps the benchmark runnable anywhere. Ray must be installed (`pip install
 -e '.[tune]'`; for the GPU machine see ../shared/tools/pack-ray-for-device).
 
-Writes benchmarks/results/bench_tune-<device>.json (or --name) and logs a table.
+--trials gives every level the same number of trials, or one number per
+level: trials per hour compare across levels whatever the counts, so a short
+lease can run fewer trials one at a time than it packs eight at once.
+
+Writes benchmarks/results/bench_tune-<device>.json (or --name) after each
+level, so a run stopped part-way keeps the levels it finished, and logs a table.
 """
 from __future__ import annotations
 
@@ -109,7 +114,8 @@ def run_level(concurrency: int, trials: int, storage: Path, overrides: list[str]
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8])
-    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--trials", nargs="+", type=int, default=[16],
+                        help="trials per level: one number for all, or one per --concurrency level")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
                         help="search overrides, e.g. overrides.train.max_steps=1000")
     parser.add_argument("--name", default=None, help="result file name (default bench_tune-<device>)")
@@ -117,6 +123,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if any(c < 1 for c in args.concurrency):
         parser.error("--concurrency: each level must be at least 1")
+    if len(args.trials) not in (1, len(args.concurrency)):
+        parser.error(f"--trials: give one number, or one per --concurrency level "
+                     f"({len(args.concurrency)}), not {len(args.trials)}")
+    if any(t < 1 for t in args.trials):
+        parser.error("--trials: each level needs at least 1 trial")
+    trials = args.trials * len(args.concurrency) if len(args.trials) == 1 else args.trials
 
     import ray
 
@@ -124,27 +136,24 @@ def main(argv=None) -> int:
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
-    rows = []
+    result = {"benchmark": "bench_tune", "machine": machine(device), "search": str(SEARCH.name),
+              "trial_overrides": TRIAL + args.set, "rows": []}
+    rows = result["rows"]
     with tempfile.TemporaryDirectory(prefix="bench_tune-") as storage:
         started = ensure_ray()
         try:
-            for concurrency in args.concurrency:
-                row = run_level(concurrency, args.trials, Path(storage), args.set, on_gpu)
+            for concurrency, level_trials in zip(args.concurrency, trials):
+                row = run_level(concurrency, level_trials, Path(storage), args.set, on_gpu)
                 rows.append(row)
-                log.info("%d at once: %.0f s for %d trials = %.1f trials/h, GPU %s %% busy",
+                row["speedup_vs_first"] = row["trials_per_hour"] / rows[0]["trials_per_hour"]
+                path = write_result(args.name or f"bench_tune-{device.type}", result)
+                log.info("%d at once: %.0f s for %d trials = %.1f trials/h (x%.2f), GPU %s %% busy; %s",
                          concurrency, row["seconds"], row["trials"], row["trials_per_hour"],
-                         "n/a" if row["gpu_utilisation_mean_pct"] is None
-                         else f"{row['gpu_utilisation_mean_pct']:.0f}")
+                         row["speedup_vs_first"], "n/a" if row["gpu_utilisation_mean_pct"] is None
+                         else f"{row['gpu_utilisation_mean_pct']:.0f}", path)
         finally:
             if started:
                 ray.shutdown()
-    base = rows[0]["trials_per_hour"]
-    for row in rows:
-        row["speedup_vs_first"] = row["trials_per_hour"] / base
-    result = {"benchmark": "bench_tune", "machine": machine(device), "search": str(SEARCH.name),
-              "trial_overrides": TRIAL + args.set, "rows": rows}
-    path = write_result(args.name or f"bench_tune-{device.type}", result)
-    log.info("wrote %s", path)
     return 0
 
 

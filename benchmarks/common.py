@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# DAAE_BENCH_RESULTS redirects the results, as device_session does into what comes back.
+RESULTS = Path(os.environ.get("DAAE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine(device: torch.device) -> dict:
@@ -57,5 +58,8 @@ def peak_memory(device: torch.device) -> dict:
 def write_result(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    # Written whole or not at all: a benchmark stopped mid-write keeps its last result.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, path)
     return path

@@ -3,9 +3,14 @@
     python3 -m benchmarks.device_session --data-root .device/mnist --out "$OUT"
         [--config configs/mnist_p100.yaml] [--seeds 0 1 2] [--arms on off]
         [--budget-s 360] [--bench-steps 50] [--skip-bench] [--set key=value ...]
+        [--tune-concurrency 1 8 --tune-trials 2 8 [--tune-timeout-s 240]]
 
 1. bench_step on the device (MLP and conv, fp32 and bf16): daae's two step
    orders against the plain reference loop.
+1b. With --tune-concurrency (Ray must import: the device image has none,
+   ../shared/tools/pack-ray-for-device packs it), bench_tune at those levels
+   of trials sharing the GPU, stopped at --tune-timeout-s with the levels it
+   finished kept.
 2. One `daae train` per seed and arm (``on``: the config as it is; ``off``:
    ``loss.decorrelation=0 loss.independence=0``), all at once on the one GPU:
    a step bound by kernel launches leaves the GPU idle between them, which
@@ -15,8 +20,8 @@
    the same, and their last checkpoints are evaluated on the test split.
 3. Into --out, at most 8 files, none nested deeper than the machine returns:
    summary.md (`daae summary` of each arm's finished runs, the stopped ones
-   listed), session.json (the commands, how long, exit codes), the bench_step JSON,
-   and runs.tar.gz (every run's config, metrics.json, events and logs; no
+   listed), session.json (the commands, how long, exit codes), the bench_step
+   and bench_tune JSONs, and runs.tar.gz (every run's config, metrics.json, events and logs; no
    checkpoints, which are too large to bring back).
 
 Nothing here is GPU-only: tests/test_benchmarks.py runs it on a CPU with a
@@ -26,16 +31,19 @@ lease is spent on it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS
 from daae.checkpoint import checkpoint_path
 from daae.config import load_config
 
@@ -53,19 +61,34 @@ def _python(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def run_bench_step(out: Path, steps: int, timeout_s: float) -> dict:
-    name = "bench_step-device"
-    command = _python("-m", "benchmarks.bench_step", "--steps", str(steps), "--repeats", "3",
-                      "--name", name)
+def stop_group(process: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM to the process's whole group, then SIGKILL to whatever of it is
+    left: Ray's workers can outlive the driver and hold the GPU."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def run_benchmark(out: Path, module: str, name: str, args: list[str], timeout_s: float) -> dict:
+    """Runs benchmarks.<module> with its result JSON going straight into
+    ``out`` (all of it, or what it wrote before the timeout). It runs in its
+    own process group, so that stopping it also stops what it started (Ray)."""
+    command = _python("-m", f"benchmarks.{module}", *args, "--name", name)
     started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True,
+                               env={**os.environ, "DAAE_BENCH_RESULTS": str(out)})
     try:
-        code = subprocess.run(command, cwd=ROOT, timeout=timeout_s).returncode
+        code = process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         code = "timeout"
-    result = RESULTS / f"{name}.json"
-    if result.is_file():
-        shutil.copy(result, out / result.name)
-    return {"command": command, "exit": code, "seconds": time.perf_counter() - started}
+        stop_group(process)
+    result = out / f"{name}.json"
+    return {"command": command, "exit": code, "seconds": time.perf_counter() - started,
+            "result": result.name if result.is_file() else None}
 
 
 def train_commands(args, runs_dir: Path) -> dict[str, list[str]]:
@@ -146,7 +169,7 @@ def pack_runs(runs_dir: Path, archive: Path) -> None:
                 tar.add(path, arcname=path.relative_to(runs_dir.parent))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", required=True, help="folder holding the MNIST .gz files")
     parser.add_argument("--out", required=True, help="where the results go ($OUT on the device)")
@@ -158,8 +181,20 @@ def main(argv=None) -> int:
     parser.add_argument("--bench-steps", type=int, default=50)
     parser.add_argument("--bench-timeout-s", type=float, default=120.0)
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--tune-concurrency", nargs="*", type=int, default=[],
+                        help="bench_tune's levels (e.g. 1 8); none (the default) skips it")
+    parser.add_argument("--tune-trials", nargs="+", type=int, default=[8],
+                        help="bench_tune's trials: one number for every level, or one per level")
+    parser.add_argument("--tune-timeout-s", type=float, default=240.0)
+    parser.add_argument("--tune-set", nargs="*", default=[], metavar="key=value",
+                        help="bench_tune's search overrides (overrides.train.max_steps=...)")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
                         help="trainer overrides for every run")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     # The runs start in the repository root: paths given from elsewhere must still hold.
     args.config, args.data_root = str(Path(args.config).resolve()), str(Path(args.data_root).resolve())
@@ -169,6 +204,13 @@ def main(argv=None) -> int:
     if config.data.name == "mnist" and not (Path(args.data_root) / "train-images-idx3-ubyte.gz").is_file():
         parser.error(f"--data-root {args.data_root} holds no train-images-idx3-ubyte.gz: copy "
                      f"MNIST's four .gz files there (and carry that folder to the device)")
+    if args.tune_concurrency and len(args.tune_trials) not in (1, len(args.tune_concurrency)):
+        parser.error(f"--tune-trials: give one number, or one per --tune-concurrency level "
+                     f"({len(args.tune_concurrency)}), not {len(args.tune_trials)}")
+    if args.tune_concurrency and importlib.util.find_spec("ray") is None:
+        parser.error("--tune-concurrency needs Ray, which this Python cannot import: run "
+                     "../shared/tools/pack-ray-for-device here, carry [\".device\"] and unpack it on "
+                     "the device first (README, A GPU lease in one call), or leave --tune-concurrency out")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = out / "runs"
@@ -178,7 +220,15 @@ def main(argv=None) -> int:
 
     if not args.skip_bench:
         log.info("bench_step")
-        session["bench_step"] = run_bench_step(out, args.bench_steps, args.bench_timeout_s)
+        session["bench_step"] = run_benchmark(out, "bench_step", "bench_step-device",
+                                              ["--steps", str(args.bench_steps), "--repeats", "3"],
+                                              args.bench_timeout_s)
+    if args.tune_concurrency:
+        log.info("bench_tune")
+        session["bench_tune"] = run_benchmark(
+            out, "bench_tune", "bench_tune-device",
+            ["--concurrency", *map(str, args.tune_concurrency), "--trials", *map(str, args.tune_trials),
+             *(["--set", *args.tune_set] if args.tune_set else [])], args.tune_timeout_s)
     commands = train_commands(args, runs_dir)
     log.info("training %d runs for at most %.0f s", len(commands), args.budget_s)
     started = time.perf_counter()

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,74 @@ def test_device_session_refuses_a_data_root_without_mnist(tmp_path, capsys):
         device_session.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "o"),
                              "--skip-bench"])
     assert "holds no train-images-idx3-ubyte.gz" in capsys.readouterr().err
+
+
+def test_device_session_stops_a_benchmark_and_everything_it_started(tmp_path):
+    from benchmarks import device_session
+
+    # A benchmark that started a helper of its own (as bench_tune starts Ray), both still running.
+    leader = subprocess.Popen(["sh", "-c", "sleep 600 & sleep 600"], start_new_session=True)
+    time.sleep(0.5)
+    device_session.stop_group(leader, grace_s=5)
+    assert leader.poll() is not None
+    deadline = time.monotonic() + 10  # SIGKILL is sent; on a loaded machine dying takes a moment
+    while _running_in_group(leader.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running_in_group(leader.pid) == []
+
+
+def _running_in_group(pgid: int) -> list[int]:
+    """Live processes of a process group (zombies, which an init that does not
+    reap leaves behind, are dead)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def test_device_session_refuses_bench_tune_without_ray(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from benchmarks import device_session
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "ray" else find_spec(name, *args))
+    with pytest.raises(SystemExit):
+        device_session.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "o"), "--config",
+                             str(SMOKE), "--skip-bench", "--tune-concurrency", "1", "8"])
+    assert "--tune-concurrency needs Ray, which this Python cannot import" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything started
+
+
+def test_device_session_refuses_tune_trials_that_do_not_match_the_levels(tmp_path, capsys):
+    from benchmarks import device_session
+
+    with pytest.raises(SystemExit):
+        device_session.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "o"), "--config",
+                             str(SMOKE), "--skip-bench", "--tune-concurrency", "1", "8",
+                             "--tune-trials", "2", "8", "8"])
+    assert "--tune-trials: give one number, or one per --tune-concurrency level (2), not 3" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_readme_device_calls_parse():
+    """A lease is minutes long: a typo in a prepared command must fail here."""
+    import shlex
+
+    from benchmarks import device_session
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text().replace("\\\n", " ")
+    calls = [line.split("benchmarks.device_session", 1)[1] for line in readme.splitlines()
+             if "python3 -m benchmarks.device_session --" in line]
+    assert len(calls) >= 2
+    for call in calls:
+        args = device_session.build_parser().parse_args(shlex.split(call.replace("$OUT", "out")))
+        assert args.data_root == ".device/mnist" and (root / args.config).is_file()

@@ -194,18 +194,51 @@ def test_distributed_trial_reports_once_per_evaluation(ray_session, tmp_path):
     assert row["status"] == "finished"
 
 
+BENCH_TUNE_TINY = ["overrides.data.synthetic_train_size=1000",
+                   "overrides.model.scale=0.05", "overrides.model.adversary_hidden=16",
+                   "overrides.train.max_steps=20", "overrides.run.eval_every=10",
+                   "overrides.run.checkpoint_every=10", "overrides.eval.probe_train_size=300"]
+
+
 def test_bench_tune_runs_each_concurrency_level(ray_session, tmp_path, monkeypatch):
     from benchmarks import bench_tune, common
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
-    tiny = ["overrides.data.synthetic_train_size=1000",
-            "overrides.model.scale=0.05", "overrides.model.adversary_hidden=16",
-            "overrides.train.max_steps=20", "overrides.run.eval_every=10",
-            "overrides.run.checkpoint_every=10", "overrides.eval.probe_train_size=300"]
-    assert bench_tune.main(["--concurrency", "1", "2", "--trials", "2", "--name", "t",
-                            "--set", *tiny]) == 0
+    # One trial alone, two at once: trials per level may differ, and the rate still compares.
+    assert bench_tune.main(["--concurrency", "1", "2", "--trials", "1", "2", "--name", "t",
+                            "--set", *BENCH_TUNE_TINY]) == 0
     result = json.loads((tmp_path / "t.json").read_text())
     assert [row["concurrency"] for row in result["rows"]] == [1, 2]
+    assert [row["trials"] for row in result["rows"]] == [1, 2]
     assert [row["resources.cpu"] for row in result["rows"]] == [2, 1]
     assert all(row["trials_per_hour"] > 0 for row in result["rows"])
     assert result["rows"][0]["speedup_vs_first"] == 1
+    assert result["rows"][1]["speedup_vs_first"] == pytest.approx(
+        result["rows"][1]["trials_per_hour"] / result["rows"][0]["trials_per_hour"])
+
+
+def test_bench_tune_refuses_a_trial_count_per_level_that_does_not_match(capsys):
+    from benchmarks import bench_tune
+
+    with pytest.raises(SystemExit):
+        bench_tune.main(["--concurrency", "1", "2", "4", "--trials", "1", "2"])
+    assert "--trials: give one number, or one per --concurrency level (3), not 2" in capsys.readouterr().err
+
+
+def test_device_session_runs_bench_tune_and_brings_its_result_back(ray_session, tmp_path, monkeypatch):
+    from benchmarks import device_session
+
+    # bench_tune runs as its own process: it joins this test's Ray rather than starting one.
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    out = tmp_path / "out"
+    assert device_session.main([
+        "--data-root", str(tmp_path), "--out", str(out), "--config", str(ROOT / "configs" / "smoke.yaml"),
+        "--skip-bench", "--seeds", "0", "--arms", "on", "--set", "train.max_steps=10", "eval.probe_epochs=1",
+        "--tune-concurrency", "1", "--tune-trials", "1", "--tune-set", *BENCH_TUNE_TINY]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bench_tune-device.json", "runs.tar.gz", "session.json", "summary.md"]
+    (row,) = json.loads((out / "bench_tune-device.json").read_text())["rows"]
+    assert row["concurrency"] == 1 and row["trials"] == 1 and row["trials_per_hour"] > 0
+    session = json.loads((out / "session.json").read_text())
+    assert session["bench_tune"]["exit"] == 0 and session["bench_tune"]["result"] == "bench_tune-device.json"
+    assert session["runs"] == {"on-seed0": 0}
