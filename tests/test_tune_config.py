@@ -61,6 +61,20 @@ def test_shipped_searches_cover_the_issue():
     assert ablation.space["seed"].kind == "grid" and len(ablation.space["seed"].args) >= 2
 
 
+def test_the_p100_ablation_search_is_the_shipped_config_with_both_terms_off_and_on():
+    from daae.config import load_config
+
+    shipped = load_config(ROOT / "configs/mnist_p100.yaml")
+    ablation = load_search(ROOT / "configs/tune/ablation_p100.yaml")
+    assert ablation.file.scheduler.kind == "none" and list(ablation.space["seed"].args) == [0, 1, 2]
+    on = ablation.trainer_config({"arm": "on", "seed": 0})
+    off = ablation.trainer_config({"arm": "off", "seed": 0})
+    assert on.loss == shipped.loss and on.model == shipped.model and on.train == shipped.train
+    assert off.loss.decorrelation == 0 and off.loss.independence == 0
+    assert {k: v for k, v in vars(off.loss).items() if k not in ("decorrelation", "independence")} == \
+        {k: v for k, v in vars(shipped.loss).items() if k not in ("decorrelation", "independence")}
+
+
 def test_check_via_both_entry_points(tmp_path, capsys):
     assert daae_main(["tune", "--check", "--config", str(SMOKE), f"storage_path={tmp_path}"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["storage_path"] == str(tmp_path)
