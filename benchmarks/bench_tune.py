@@ -111,6 +111,19 @@ def run_level(concurrency: int, trials: int, storage: Path, overrides: list[str]
             "trials_per_hour": trials * 3600 / seconds, **share, **sampler.summary(baseline)}
 
 
+def trials_per_level(concurrency: list[int], trials: list[int],
+                     options: tuple[str, str] = ("--concurrency", "--trials")) -> list[int]:
+    """One trial count per concurrency level, from one count for all or one
+    each; ValueError naming ``options`` (the caller's flags) otherwise."""
+    levels_flag, trials_flag = options
+    if len(trials) not in (1, len(concurrency)):
+        raise ValueError(f"{trials_flag}: give one number, or one per {levels_flag} level "
+                         f"({len(concurrency)}), not {len(trials)}")
+    if any(t < 1 for t in trials):
+        raise ValueError(f"{trials_flag}: each level needs at least 1 trial")
+    return trials * len(concurrency) if len(trials) == 1 else list(trials)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8])
@@ -123,12 +136,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if any(c < 1 for c in args.concurrency):
         parser.error("--concurrency: each level must be at least 1")
-    if len(args.trials) not in (1, len(args.concurrency)):
-        parser.error(f"--trials: give one number, or one per --concurrency level "
-                     f"({len(args.concurrency)}), not {len(args.trials)}")
-    if any(t < 1 for t in args.trials):
-        parser.error("--trials: each level needs at least 1 trial")
-    trials = args.trials * len(args.concurrency) if len(args.trials) == 1 else args.trials
+    try:
+        trials = trials_per_level(args.concurrency, args.trials)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     import ray
 

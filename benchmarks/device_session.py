@@ -44,6 +44,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from benchmarks.bench_tune import trials_per_level
 from daae.checkpoint import checkpoint_path
 from daae.config import load_config
 
@@ -204,9 +205,11 @@ def main(argv=None) -> int:
     if config.data.name == "mnist" and not (Path(args.data_root) / "train-images-idx3-ubyte.gz").is_file():
         parser.error(f"--data-root {args.data_root} holds no train-images-idx3-ubyte.gz: copy "
                      f"MNIST's four .gz files there (and carry that folder to the device)")
-    if args.tune_concurrency and len(args.tune_trials) not in (1, len(args.tune_concurrency)):
-        parser.error(f"--tune-trials: give one number, or one per --tune-concurrency level "
-                     f"({len(args.tune_concurrency)}), not {len(args.tune_trials)}")
+    if args.tune_concurrency:
+        try:  # bench_tune's own check, before the lease's minutes go to anything
+            trials_per_level(args.tune_concurrency, args.tune_trials, ("--tune-concurrency", "--tune-trials"))
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.tune_concurrency and importlib.util.find_spec("ray") is None:
         parser.error("--tune-concurrency needs Ray, which this Python cannot import: run "
                      "../shared/tools/pack-ray-for-device here, carry [\".device\"] and unpack it on "
