@@ -3,9 +3,15 @@ daae's reference-order and fused steps against a plain port of the original
 loop (reference_impl.py), same process, same data, same networks.
 
     python -m benchmarks.bench_step [--models mlp conv] [--precisions fp32 bf16]
-                                    [--steps 30] [--repeats 5] [--device cpu]
+                                    [--steps 30] [--repeats 5] [--config FILE]
+                                    [--count-ops]
 
 Writes benchmarks/results/bench_step-<device>.json and prints a table.
+
+--count-ops adds the operators each implementation dispatches per step (one
+profiled step after the timing). On a GPU every one of them is at least one
+kernel launch and a pass through Python and the dispatcher on the host: with
+batches of 100 the step is bound by that count, not by arithmetic.
 """
 from __future__ import annotations
 
@@ -35,7 +41,24 @@ def fake_mnist(count: int, seed: int = 0) -> SemiSupervisedData:
                               validation=part.subset(torch.arange(100)), test=part.subset(torch.arange(100)))
 
 
-def daae_rate(config, data, steps: int, repeats: int) -> tuple[float, torch.device]:
+def ops_per_step(step, steps: int = 2) -> float:
+    """Operators dispatched per call of ``step``: aten operators not called
+    from inside another aten operator (forward and backward alike)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            step()
+    dispatched = [event for event in profiler.events() if event.name.startswith("aten::") and not (
+        event.cpu_parent is not None and event.cpu_parent.name.startswith("aten::"))]
+    return len(dispatched) / steps
+
+
+def daae_rate(config, data, steps: int, repeats: int,
+              count_ops: bool = False) -> tuple[float, torch.device, float | None]:
+    # Each case compiles afresh, as its own run would: graphs of earlier cases
+    # would otherwise fill the cache that the shared forward wrapper draws on.
+    torch._dynamo.reset()
     accelerator = make_accelerator(config.train.mixed_precision)
     setup = prepare_training(config, accelerator, data)
 
@@ -48,10 +71,13 @@ def daae_rate(config, data, steps: int, repeats: int) -> tuple[float, torch.devi
 
     run()  # warm-up: allocator, first-call overheads, compilation
     seconds = median([timed(run, accelerator.device) for _ in range(repeats)])
-    return steps * config.train.batch_size * 2 / seconds, accelerator.device
+    ops = ops_per_step(lambda: training_iteration(setup.ctx, setup.optimizers, setup.batches, 1, 0,
+                                                  config)) if count_ops else None
+    return steps * config.train.batch_size * 2 / seconds, accelerator.device, ops
 
 
-def reference_rate(config, data, device, steps: int, repeats: int) -> float:
+def reference_rate(config, data, device, steps: int, repeats: int,
+                   count_ops: bool = False) -> tuple[float, float | None]:
     from daae.runs import build_networks
 
     torch.manual_seed(config.seed)
@@ -67,7 +93,7 @@ def reference_rate(config, data, device, steps: int, repeats: int) -> float:
 
     run()
     seconds = median([timed(run, device) for _ in range(repeats)])
-    return steps * config.train.batch_size * 2 / seconds
+    return steps * config.train.batch_size * 2 / seconds, ops_per_step(trainer.step) if count_ops else None
 
 
 def main(argv=None) -> int:
@@ -77,6 +103,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--images", type=int, default=10000)
+    parser.add_argument("--config", default=None,
+                        help="a YAML config under the cases' overrides (default: the built-in defaults)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="also count the operators each implementation dispatches per step")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
                         help="config overrides for every case (e.g. model.adversary_hidden=64)")
     parser.add_argument("--name", default=None, help="result file name (default bench_step-<device>)")
@@ -91,11 +121,15 @@ def main(argv=None) -> int:
             common = ["data.name=mnist", *MODELS[model], f"train.mixed_precision={mixed}", *args.set]
             row = {"model": model, "precision": precision}
             for mode in ("reference", "fused"):
-                config = load_config(None, [*common, f"train.step_mode={mode}"])
-                row[f"daae_{mode}_images_per_s"], device = daae_rate(config, data, args.steps,
-                                                                       args.repeats)
-            row["reference_impl_images_per_s"] = reference_rate(config, data, device, args.steps,
-                                                                args.repeats)
+                config = load_config(args.config, [*common, f"train.step_mode={mode}"])
+                row[f"daae_{mode}_images_per_s"], device, ops = daae_rate(
+                    config, data, args.steps, args.repeats, args.count_ops)
+                if ops is not None:
+                    row[f"daae_{mode}_ops_per_step"] = ops
+            row["reference_impl_images_per_s"], ops = reference_rate(
+                config, data, device, args.steps, args.repeats, args.count_ops)
+            if ops is not None:
+                row["reference_impl_ops_per_step"] = ops
             for mode in ("reference", "fused"):
                 row[f"speedup_{mode}"] = row[f"daae_{mode}_images_per_s"] / row["reference_impl_images_per_s"]
             rows.append(row)
@@ -103,9 +137,13 @@ def main(argv=None) -> int:
                      "| daae fused %8.0f (x%.2f)", model, precision,
                      row["reference_impl_images_per_s"], row["daae_reference_images_per_s"],
                      row["speedup_reference"], row["daae_fused_images_per_s"], row["speedup_fused"])
+            if args.count_ops:
+                log.info("%-11s operators per step: reference impl %.0f | daae reference order %.0f "
+                         "| daae fused %.0f", "", row["reference_impl_ops_per_step"],
+                         row["daae_reference_ops_per_step"], row["daae_fused_ops_per_step"])
             # Written after every row: a long run stopped early keeps what it measured.
             result = {"benchmark": "bench_step", "machine": machine(device), "steps": args.steps,
-                      "overrides": args.set, "repeats": args.repeats, "batch_size": 100,
+                      "config": args.config, "overrides": args.set, "repeats": args.repeats, "batch_size": 100,
                       "note": "images/s counts the unlabelled and the labelled batch (2 x 100 per step)",
                       "rows": rows, "peak_memory": peak_memory(device)}
             path = write_result(args.name or f"bench_step-{device.type}", result)

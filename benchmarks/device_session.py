@@ -3,10 +3,14 @@
     python3 -m benchmarks.device_session --data-root .device/mnist --out "$OUT"
         [--config configs/mnist_p100.yaml] [--seeds 0 1 2] [--arms on off]
         [--budget-s 360] [--bench-steps 50] [--skip-bench] [--set key=value ...]
+        [--bench-compile reduce-overhead [--bench-compile-timeout-s 150]]
         [--tune-concurrency 1 8 --tune-trials 2 8 [--tune-timeout-s 240]]
 
 1. bench_step on the device (MLP and conv, fp32 and bf16): daae's two step
    orders against the plain reference loop.
+1a. With --bench-compile MODE, bench_step again for the MLP with
+   train.compile=MODE (reduce-overhead: CUDA graphs, the lever for a step
+   bound by kernel launches), its own JSON, stopped at its own timeout.
 1b. With --tune-concurrency (Ray must import: the device image has none,
    ../shared/tools/pack-ray-for-device packs it), bench_tune at those levels
    of trials sharing the GPU, stopped at --tune-timeout-s with the levels it
@@ -182,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bench-steps", type=int, default=50)
     parser.add_argument("--bench-timeout-s", type=float, default=120.0)
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--bench-compile", nargs="*", default=[],
+                        choices=["default", "reduce-overhead", "max-autotune"],
+                        help="also bench_step the MLP with train.compile at each of these modes")
+    parser.add_argument("--bench-compile-timeout-s", type=float, default=150.0,
+                        help="timeout of each --bench-compile benchmark, compilation included")
     parser.add_argument("--tune-concurrency", nargs="*", type=int, default=[],
                         help="bench_tune's levels (e.g. 1 8); none (the default) skips it")
     parser.add_argument("--tune-trials", nargs="+", type=int, default=[8],
@@ -226,6 +235,12 @@ def main(argv=None) -> int:
         session["bench_step"] = run_benchmark(out, "bench_step", "bench_step-device",
                                               ["--steps", str(args.bench_steps), "--repeats", "3"],
                                               args.bench_timeout_s)
+    for mode in args.bench_compile:
+        log.info("bench_step, train.compile=%s", mode)
+        session[f"bench_step_compile_{mode}"] = run_benchmark(
+            out, "bench_step", f"bench_step-device-compile-{mode}",
+            ["--models", "mlp", "--steps", str(args.bench_steps), "--repeats", "3",
+             "--set", f"train.compile={mode}"], args.bench_compile_timeout_s)
     if args.tune_concurrency:
         log.info("bench_tune")
         session["bench_tune"] = run_benchmark(

@@ -250,6 +250,12 @@ def prepare_training(config: Config, accelerator: Accelerator, data) -> Training
         # weights never trigger recompiles. A run's shapes are fixed: static
         # graphs, also when an earlier run in this process compiled other shapes.
         mode = None if config.train.compile == "default" else config.train.compile
+        # Under mixed precision Accelerate gives every network the same forward
+        # wrapper, so Dynamo files every network's graph (one per input shape)
+        # under one function; past its default limit of 8 the rest ran eager,
+        # with only a warning (bench_step on an H200).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   8 * len(wrapped))
         wrapped = {name: torch.compile(module, mode=mode, dynamic=False)
                    for name, module in wrapped.items()}
     optimizers = dict(zip(optimizers, prepared[len(NETWORK_ORDER):]))

@@ -16,11 +16,14 @@ from conftest import SMOKE, tiny_config
 def test_bench_step_runs_and_writes_its_result(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     assert bench_step.main(["--models", "mlp", "--precisions", "fp32", "--steps", "2",
-                            "--repeats", "1", "--images", "600", "--name", "t",
+                            "--repeats", "1", "--images", "600", "--name", "t", "--count-ops",
                             "--set", "model.scale=0.05", "model.adversary_hidden=32"]) == 0
     result = json.loads((tmp_path / "t.json").read_text())
     (row,) = result["rows"]
     assert row["reference_impl_images_per_s"] > 0 and row["daae_fused_images_per_s"] > 0
+    # What a GPU step at batch 100 is bound by: the fused step dispatches the fewest operators.
+    assert 0 < row["daae_fused_ops_per_step"] < row["daae_reference_ops_per_step"] \
+        < row["reference_impl_ops_per_step"]
     assert result["machine"]["cores"] >= 1 and "torch" in result["machine"]
 
 
@@ -154,17 +157,18 @@ def test_device_session_refuses_tune_trials_that_do_not_match_the_levels(tmp_pat
     assert not (tmp_path / "o").exists()
 
 
-def test_the_readme_device_calls_parse():
+def test_the_documented_device_calls_parse():
     """A lease is minutes long: a typo in a prepared command must fail here."""
     import shlex
 
     from benchmarks import device_session
 
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text().replace("\\\n", " ")
-    calls = [line.split("benchmarks.device_session", 1)[1] for line in readme.splitlines()
+    # README's prepared calls, and docs/results.md's record of those that ran.
+    text = "\n".join((root / name).read_text() for name in ("README.md", "docs/results.md"))
+    calls = [line.split("benchmarks.device_session", 1)[1] for line in text.replace("\\\n", " ").splitlines()
              if "python3 -m benchmarks.device_session --" in line]
-    assert len(calls) >= 2
+    assert len(calls) >= 4
     for call in calls:
         args = device_session.build_parser().parse_args(shlex.split(call.replace("$OUT", "out")))
         assert args.data_root == ".device/mnist" and (root / args.config).is_file()
