@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from daae import checkpoint
+from daae.data import load_data
 from daae.evaluate import cluster_accuracy
 from daae.train import NonFiniteLossError, train
 
@@ -125,3 +126,22 @@ def test_cluster_accuracy_names_each_cluster_after_its_best_matching_label():
     # Two labels share a cluster: one of them is matched, the other is an error.
     merged = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])
     assert cluster_accuracy(merged, labels, 3) == 0.75
+
+
+@pytest.mark.parametrize("step_mode", ["reference", "fused"])
+def test_a_training_iteration_never_searches_the_import_path(tmp_path, monkeypatch, step_mode):
+    """A GPU step at batch 100 is bound by host time: nothing in an iteration
+    may look for packages on sys.path (Accelerate's optimizer wrapper did)."""
+    import importlib.util
+
+    from daae.train import make_accelerator, prepare_training, training_iteration
+
+    config = tiny_config(tmp_path, f"train.step_mode={step_mode}")
+    setup = prepare_training(config, make_accelerator("no"), load_data(config.data, config.seed))
+    training_iteration(setup.ctx, setup.optimizers, setup.batches, 1, 0, config)  # first calls may import
+    searches, find_spec = [], importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: searches.append(name) or find_spec(name, *args))
+    for step in (1, 2):
+        training_iteration(setup.ctx, setup.optimizers, setup.batches, 1, step, config)
+    assert searches == []
