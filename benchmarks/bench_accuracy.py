@@ -29,7 +29,8 @@ from daae.config import load_config
 from daae.data import load_data
 from daae.evaluate import evaluate
 from daae.optimizers import set_learning_rates
-from daae.train import LossTracker, make_accelerator, planned_steps, prepare_training, training_iteration
+from daae.prepare import make_accelerator, prepare_training
+from daae.train import LossTracker, planned_steps, training_iteration
 
 log = logging.getLogger("bench_accuracy")
 CPU_BUDGET_S = 600.0

@@ -25,7 +25,8 @@ from benchmarks.common import machine, median, peak_memory, timed, write_result
 from benchmarks.reference_impl import ReferenceTrainer
 from daae.config import load_config
 from daae.data import ImageSet, SemiSupervisedData
-from daae.train import make_accelerator, prepare_training, training_iteration
+from daae.prepare import make_accelerator, prepare_training
+from daae.train import training_iteration
 
 log = logging.getLogger("bench_step")
 MODELS = {"mlp": ["model.kind=mlp", "model.scale=1.0"], "conv": ["model.kind=conv", "model.scale=2.0"]}

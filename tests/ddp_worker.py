@@ -5,12 +5,13 @@ from pathlib import Path
 
 import torch
 
+import daae.prepare
 import daae.train
 from daae.config import load_config
 
 out = Path(sys.argv[1])
 captured = {}
-build = daae.train.build_networks
+build = daae.prepare.build_networks
 
 
 def capture(*args, **kwargs):
@@ -18,7 +19,7 @@ def capture(*args, **kwargs):
     return captured["nets"]
 
 
-daae.train.build_networks = capture
+daae.prepare.build_networks = capture
 config = load_config(sys.argv[2], sys.argv[3:])
 daae.train.train(config)
 rank = torch.distributed.get_rank()

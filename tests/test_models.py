@@ -8,7 +8,7 @@ from torch import nn
 from daae import phases
 from daae.data import load_data
 from daae.models import CentreTapConv2d, CentreTapConvTranspose2d, Networks
-from daae.train import make_accelerator, prepare_training
+from daae.prepare import make_accelerator, prepare_training
 
 from conftest import first_gradients_and_losses, gradients, tiny_config
 

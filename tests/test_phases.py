@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from daae import phases
 from daae.data import load_data
-from daae.train import make_accelerator, prepare_training
+from daae.prepare import make_accelerator, prepare_training
 
 from conftest import tiny_config
 

@@ -1,0 +1,84 @@
+"""Everything one training iteration needs, built for a run: the Accelerator,
+the networks and optimizers (one accelerator.prepare call, fixed order), the
+process's random stream and the on-device batches."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import accelerate.optimizer
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs
+
+from . import phases
+from .config import Config
+from .data import DeviceBatches
+from .optimizers import build_optimizers
+from .runs import build_networks
+
+NETWORK_ORDER = ("encoder", "decoder", "d_z", "d_y", "correlation")
+
+# Accelerate's optimizer wrapper asks importlib whether lomo_optim is installed
+# twice in every step(), a search of sys.path: 14 calls an iteration in the
+# reference order, 4 in the fused step, 11 % and 9 % of the host time of an
+# iteration of tiny networks on this project's CPU, and host time is what
+# bounds a GPU step at batch 100. The answer cannot change while the process runs.
+if hasattr(accelerate.optimizer, "is_lomo_available"):
+    accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision") not in (None, mixed_precision) and state.get("num_processes", 1) == 1:
+        # A long-lived single process (tests, a Tune worker) may train with
+        # another precision than its previous run; Accelerate keeps one global state.
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+@dataclass
+class TrainingSetup:
+    nets: object  # models.Networks, unwrapped
+    optimizers: dict
+    generator: torch.Generator
+    batches: DeviceBatches
+    ctx: phases.StepContext
+
+
+def prepare_training(config: Config, accelerator: Accelerator, data) -> TrainingSetup:
+    """Networks, optimizers (one accelerator.prepare call, fixed order), the
+    process's random stream and on-device batches: all one iteration needs."""
+    device = accelerator.device
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    nets = build_networks(config, data.image_shape, data.num_classes).to(device)
+    if config.model.kind == "conv" and config.train.channels_last:
+        nets.to(memory_format=torch.channels_last)  # 4-d weights only: the critics stay as they are
+    optimizers = build_optimizers(nets, config)
+    prepared = accelerator.prepare(*(getattr(nets, name) for name in NETWORK_ORDER),
+                                   *optimizers.values())
+    wrapped = dict(zip(NETWORK_ORDER, prepared[:len(NETWORK_ORDER)]))
+    if config.train.compile != "no":
+        # Only the training forwards: evaluation and the reference order's frozen
+        # forwards use the eager networks, so varying batch sizes and frozen
+        # weights never trigger recompiles. A run's shapes are fixed: static
+        # graphs, also when an earlier run in this process compiled other shapes.
+        mode = None if config.train.compile == "default" else config.train.compile
+        # Under mixed precision Accelerate gives every network the same forward
+        # wrapper, so Dynamo files every network's graph (one per input shape)
+        # under one function; past its default limit of 8 the rest ran eager,
+        # with only a warning (bench_step on an H200).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   8 * len(wrapped))
+        wrapped = {name: torch.compile(module, mode=mode, dynamic=False)
+                   for name, module in wrapped.items()}
+    optimizers = dict(zip(optimizers, prepared[len(NETWORK_ORDER):]))
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed * 1_000_003 + accelerator.process_index)
+    batches = DeviceBatches(data, device, config.train.batch_size, config.seed,
+                            accelerator.process_index, accelerator.num_processes)
+    ctx = phases.StepContext(accelerator, wrapped, nets, generator, config.model.input_noise,
+                             data.num_classes, config.model.z_dim)
+    return TrainingSetup(nets, optimizers, generator, batches, ctx)
