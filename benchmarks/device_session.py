@@ -219,10 +219,10 @@ def main(argv=None) -> int:
             trials_per_level(args.tune_concurrency, args.tune_trials, ("--tune-concurrency", "--tune-trials"))
         except ValueError as exc:
             parser.error(str(exc))
-    if args.tune_concurrency and importlib.util.find_spec("ray") is None:
-        parser.error("--tune-concurrency needs Ray, which this Python cannot import: run "
-                     "../shared/tools/pack-ray-for-device here, carry [\".device\"] and unpack it on "
-                     "the device first (README, A GPU lease in one call), or leave --tune-concurrency out")
+        if importlib.util.find_spec("ray") is None:
+            parser.error("--tune-concurrency needs Ray, which this Python cannot import: run "
+                         "../shared/tools/pack-ray-for-device here, carry [\".device\"] and unpack it on "
+                         "the device first (README, A GPU lease in one call), or leave --tune-concurrency out")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = out / "runs"
@@ -230,17 +230,17 @@ def main(argv=None) -> int:
     session = {"config": args.config, "seeds": args.seeds, "arms": args.arms, "set": args.set,
                "budget_s": args.budget_s}
 
+    bench_step_args = ["--steps", str(args.bench_steps), "--repeats", "3"]
     if not args.skip_bench:
         log.info("bench_step")
-        session["bench_step"] = run_benchmark(out, "bench_step", "bench_step-device",
-                                              ["--steps", str(args.bench_steps), "--repeats", "3"],
+        session["bench_step"] = run_benchmark(out, "bench_step", "bench_step-device", bench_step_args,
                                               args.bench_timeout_s)
     for mode in args.bench_compile:
         log.info("bench_step, train.compile=%s", mode)
         session[f"bench_step_compile_{mode}"] = run_benchmark(
             out, "bench_step", f"bench_step-device-compile-{mode}",
-            ["--models", "mlp", "--steps", str(args.bench_steps), "--repeats", "3",
-             "--set", f"train.compile={mode}"], args.bench_compile_timeout_s)
+            [*bench_step_args, "--models", "mlp", "--set", f"train.compile={mode}"],
+            args.bench_compile_timeout_s)
     if args.tune_concurrency:
         log.info("bench_tune")
         session["bench_tune"] = run_benchmark(
