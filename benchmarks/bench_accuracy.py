@@ -4,7 +4,7 @@ decorrelation on.
     python -m benchmarks.bench_accuracy [--config configs/mnist_mlp.yaml] [--set key=value ...]
                                         [--targets 0.95 0.98] [--budget-s S] [--eval-every 250]
 
-It trains with the trainer's own iteration (daae.train.training_iteration,
+It trains with the trainer's own iteration (daae.iteration.training_iteration,
 learning-rate drops, decorrelation start) and, every --eval-every steps, stops
 the clock to measure test accuracy and the adversary's accuracy. On a GPU it
 runs until every target is reached or the config's epochs are done; on CPU
@@ -28,9 +28,10 @@ from benchmarks.common import machine, peak_memory, synchronize, write_result
 from daae.config import load_config
 from daae.data import load_data
 from daae.evaluate import evaluate
+from daae.iteration import training_iteration
 from daae.optimizers import set_learning_rates
 from daae.prepare import make_accelerator, prepare_training
-from daae.train import LossTracker, planned_steps, training_iteration
+from daae.train import LossTracker, planned_steps
 
 log = logging.getLogger("bench_accuracy")
 CPU_BUDGET_S = 600.0

@@ -7,6 +7,8 @@ loop (reference_impl.py), same process, same data, same networks.
                                     [--count-ops]
 
 Writes benchmarks/results/bench_step-<device>.json and prints a table.
+On a CUDA device a third daae case runs: the fused step replayed from one
+CUDA graph (train.cuda_graph=true, daae/graphed.py).
 
 --count-ops adds the operators each implementation dispatches per step (one
 profiled step after the timing). On a GPU every one of them is at least one
@@ -25,8 +27,9 @@ from benchmarks.common import machine, median, peak_memory, timed, write_result
 from benchmarks.reference_impl import ReferenceTrainer
 from daae.config import load_config
 from daae.data import ImageSet, SemiSupervisedData
+from daae.graphed import GraphedFusedStep
+from daae.iteration import training_iteration
 from daae.prepare import make_accelerator, prepare_training
-from daae.train import training_iteration
 
 log = logging.getLogger("bench_step")
 MODELS = {"mlp": ["model.kind=mlp", "model.scale=1.0"], "conv": ["model.kind=conv", "model.scale=2.0"]}
@@ -60,20 +63,23 @@ def daae_rate(config, data, steps: int, repeats: int,
     # Each case compiles afresh, as its own run would: graphs of earlier cases
     # would otherwise fill the cache that the shared forward wrapper draws on.
     torch._dynamo.reset()
-    accelerator = make_accelerator(config.train.mixed_precision)
+    accelerator = make_accelerator(config.train.mixed_precision, config.train.cuda_graph)
     setup = prepare_training(config, accelerator, data)
+    if config.train.cuda_graph:
+        iteration = GraphedFusedStep(setup, config)
+    else:
+        def iteration(epoch, step):
+            return training_iteration(setup.ctx, setup.optimizers, setup.batches, epoch, step, config)
 
     def run():
         for i in range(steps):
             epoch, step = divmod(i, setup.batches.steps_per_epoch)
-            losses = training_iteration(setup.ctx, setup.optimizers, setup.batches, epoch + 1, step,
-                                        config)
+            losses = iteration(epoch + 1, step)
         float(next(iter(losses.values())))  # one sync, as the trainer's log step does
 
-    run()  # warm-up: allocator, first-call overheads, compilation
+    run()  # warm-up: allocator, first-call overheads, compilation, the graph's capture
     seconds = median([timed(run, accelerator.device) for _ in range(repeats)])
-    ops = ops_per_step(lambda: training_iteration(setup.ctx, setup.optimizers, setup.batches, 1, 0,
-                                                  config)) if count_ops else None
+    ops = ops_per_step(lambda: iteration(1, 0)) if count_ops else None
     return steps * config.train.batch_size * 2 / seconds, accelerator.device, ops
 
 
@@ -121,8 +127,14 @@ def main(argv=None) -> int:
             mixed = "bf16" if precision == "bf16" else "no"
             common = ["data.name=mnist", *MODELS[model], f"train.mixed_precision={mixed}", *args.set]
             row = {"model": model, "precision": precision}
-            for mode in ("reference", "fused"):
-                config = load_config(args.config, [*common, f"train.step_mode={mode}"])
+            # train.compile's runs (device_session --bench-compile) have no graphed case:
+            # the graph holds the whole step and refuses compiled networks inside it.
+            graphed = torch.cuda.is_available() and load_config(args.config, common).train.compile == "no"
+            modes = ["reference", "fused"] + (["fused_graph"] if graphed else [])
+            for mode in modes:
+                step_mode = "reference" if mode == "reference" else "fused"
+                config = load_config(args.config, [*common, f"train.step_mode={step_mode}",
+                                                   f"train.cuda_graph={mode == 'fused_graph'}"])
                 row[f"daae_{mode}_images_per_s"], device, ops = daae_rate(
                     config, data, args.steps, args.repeats, args.count_ops)
                 if ops is not None:
@@ -131,13 +143,16 @@ def main(argv=None) -> int:
                 config, data, device, args.steps, args.repeats, args.count_ops)
             if ops is not None:
                 row["reference_impl_ops_per_step"] = ops
-            for mode in ("reference", "fused"):
+            for mode in modes:
                 row[f"speedup_{mode}"] = row[f"daae_{mode}_images_per_s"] / row["reference_impl_images_per_s"]
             rows.append(row)
             log.info("%-5s %-5s reference impl %8.0f img/s | daae reference order %8.0f (x%.2f) "
                      "| daae fused %8.0f (x%.2f)", model, precision,
                      row["reference_impl_images_per_s"], row["daae_reference_images_per_s"],
                      row["speedup_reference"], row["daae_fused_images_per_s"], row["speedup_fused"])
+            if "fused_graph" in modes:
+                log.info("%-11s daae fused as one CUDA graph %8.0f img/s (x%.2f)", "",
+                         row["daae_fused_graph_images_per_s"], row["speedup_fused_graph"])
             if args.count_ops:
                 log.info("%-11s operators per step: reference impl %.0f | daae reference order %.0f "
                          "| daae fused %.0f", "", row["reference_impl_ops_per_step"],

@@ -344,10 +344,16 @@ class DeviceBatches:
             self._epoch = epoch
         return self._order
 
-    def unlabelled_batch(self, epoch: int, step_in_epoch: int) -> torch.Tensor:
+    def unlabelled_index(self, epoch: int, step_in_epoch: int) -> torch.Tensor:
+        """Which unlabelled images make up the batch, on the device."""
         start = step_in_epoch * self.batch_size
-        index = self._epoch_order(epoch)[start:start + self.batch_size]
+        return self._epoch_order(epoch)[start:start + self.batch_size]
+
+    def unlabelled_images(self, index: torch.Tensor) -> torch.Tensor:
         return to_float(self.unlabelled[index])
+
+    def unlabelled_batch(self, epoch: int, step_in_epoch: int) -> torch.Tensor:
+        return self.unlabelled_images(self.unlabelled_index(epoch, step_in_epoch))
 
     def labelled_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.randint(len(self.labelled), (self.batch_size,), generator=generator,

@@ -26,10 +26,22 @@ def _centred(kernel: torch.Tensor) -> torch.Tensor:
 
 def class_rows(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """C's targets as rows of class probabilities: soft ones as they are,
-    hard ones (class indices) one-hot."""
+    hard ones (class indices) one-hot (by scatter: one_hot reads the
+    indices' range back to the host, which no CUDA graph can hold)."""
     if targets.dim() == 1:
-        return torch.nn.functional.one_hot(targets, num_classes).float()
+        rows = torch.zeros(len(targets), num_classes, device=targets.device)
+        return rows.scatter_(1, targets[:, None], 1.0)
     return targets.float()
+
+
+def _off_diagonal(square: torch.Tensor) -> torch.Tensor:
+    """The entries of an n x n matrix off its diagonal, row by row, gathered
+    by computed indices: a boolean mask would read its count back to the host."""
+    n = len(square)
+    k = torch.arange(n * (n - 1), device=square.device)
+    rows, columns = k // (n - 1), k % (n - 1)
+    columns = columns + (columns >= rows).long()  # skip the diagonal
+    return square.flatten()[rows * n + columns]
 
 
 def normalised_hsic(z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -40,8 +52,7 @@ def normalised_hsic(z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     encoder cannot lower it by shrinking z."""
     z = z.float()
     squared_distances = (z[:, None, :] - z[None, :, :]).pow(2).sum(-1)
-    off_diagonal = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
-    median = squared_distances.detach()[off_diagonal].median().clamp_min(1e-12)
+    median = _off_diagonal(squared_distances.detach()).median().clamp_min(1e-12)
     z_kernel = sum(torch.exp(-squared_distances / (factor * median))
                    for factor in BANDWIDTH_FACTORS) / len(BANDWIDTH_FACTORS)
     classes = classes.detach().float()

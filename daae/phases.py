@@ -47,7 +47,10 @@ class StepContext:
         one-hot vectors and how often each was drawn: a critic then scores K
         rows instead of ``count``, and the count-weighted loss is the same."""
         labels = torch.randint(self.num_classes, (count,), generator=self.generator, device=device)
-        counts = torch.bincount(labels, minlength=self.num_classes).float()
+        # scatter_add rather than bincount, which reads the largest label back
+        # to the host (no CUDA graph can hold that).
+        counts = torch.zeros(self.num_classes, device=device).scatter_add_(
+            0, labels, torch.ones(count, device=device))
         return torch.eye(self.num_classes, device=device), counts
 
     def step(self, optimizer, loss: torch.Tensor) -> None:

@@ -10,9 +10,9 @@ import accelerate.optimizer
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs
 
-from . import phases
+from . import graphed, phases
 from .config import Config
 from .data import DeviceBatches
 from .optimizers import build_optimizers
@@ -29,14 +29,18 @@ if hasattr(accelerate.optimizer, "is_lomo_available"):
     accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
+def make_accelerator(mixed_precision: str, cuda_graph: bool = False) -> Accelerator:
     state = AcceleratorState._shared_state
     if state.get("_mixed_precision") not in (None, mixed_precision) and state.get("num_processes", 1) == 1:
         # A long-lived single process (tests, a Tune worker) may train with
         # another precision than its previous run; Accelerate keeps one global state.
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    if cuda_graph:
+        # Autocast's cache of cast weights would outlive the capture that
+        # filled it; PyTorch's CUDA graph notes ask for it off.
+        handlers.append(AutocastKwargs(cache_enabled=False))
+    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers)
 
 
 @dataclass
@@ -52,11 +56,19 @@ def prepare_training(config: Config, accelerator: Accelerator, data) -> Training
     """Networks, optimizers (one accelerator.prepare call, fixed order), the
     process's random stream and on-device batches: all one iteration needs."""
     device = accelerator.device
+    if config.train.cuda_graph:
+        graphed.check_supported(config, device, accelerator.num_processes)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     nets = build_networks(config, data.image_shape, data.num_classes).to(device)
     if config.model.kind == "conv" and config.train.channels_last:
         nets.to(memory_format=torch.channels_last)  # 4-d weights only: the critics stay as they are
     optimizers = build_optimizers(nets, config)
+    if config.train.cuda_graph:
+        # Adam's step count and bias correction then stay on the device,
+        # which the captured step needs (Adam refuses capture otherwise).
+        for optimizer in optimizers.values():
+            for group in optimizer.param_groups:
+                group["capturable"] = True
     prepared = accelerator.prepare(*(getattr(nets, name) for name in NETWORK_ORDER),
                                    *optimizers.values())
     wrapped = dict(zip(NETWORK_ORDER, prepared[:len(NETWORK_ORDER)]))

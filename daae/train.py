@@ -1,7 +1,6 @@
 """train(config): the one training function behind `daae train` and every Tune trial."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -12,11 +11,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from . import checkpoint, phases
-from .config import Config, ConfigError, LossConfig, save_config, to_dict
-from .data import DeviceBatches, load_data, random_shift, to_float
+from . import checkpoint
+from .config import Config, ConfigError, save_config, to_dict
+from .data import load_data, to_float
 from .evaluate import evaluate, tensorboard_tags
+from .graphed import GraphedFusedStep
 from .grids import reconstruction_grid, save_png
+from .iteration import training_iteration
 from .optimizers import lr_factor, restore_optimizer, set_learning_rates
 from .prepare import make_accelerator, prepare_training
 from .sample import tensorboard_generation
@@ -46,64 +47,6 @@ def planned_steps(config: Config, steps_per_epoch: int) -> int:
     """All epochs, or train.max_steps when that comes first."""
     total = config.train.epochs * steps_per_epoch
     return total if config.train.max_steps is None else min(total, config.train.max_steps)
-
-
-def weights_at_epoch(loss: LossConfig, epoch: int) -> LossConfig:
-    """The loss weights in force at ``epoch``: a term with a start epoch
-    (``loss.<term>_start_epoch``; the independence term shares the
-    decorrelation's) weighs 0 before it, so each step until then is exactly
-    the step without it (for VAT: no power iteration, no perturbed rows, and
-    no clean rows that only VAT would read)."""
-    starts = {"decorrelation": loss.decorrelation_start_epoch,
-              "independence": loss.decorrelation_start_epoch, "vat": loss.vat_start_epoch}
-    waiting = {term: 0.0 for term, start in starts.items()
-               if getattr(loss, term) > 0 and epoch < start}
-    return dataclasses.replace(loss, **waiting) if waiting else loss
-
-
-def training_iteration(ctx: phases.StepContext, optimizers: dict, batches: DeviceBatches,
-                       epoch: int, step_in_epoch: int, config: Config) -> dict:
-    loss = weights_at_epoch(config.loss, epoch)
-    if config.train.compile == "reduce-overhead":
-        # CUDA graph outputs of the previous iteration may now be overwritten.
-        torch.compiler.cudagraph_mark_step_begin()
-    x_u = batches.unlabelled_batch(epoch, step_in_epoch)
-    x_l, y_l = batches.labelled_batch(ctx.generator)
-    # The unshifted batch, before the shift below moves it.
-    clean = loss.correlation_input == "clean"
-    x_clean = x_u if phases.reads_clean_images(loss) else None
-    x_u = random_shift(x_u, config.data.max_shift, ctx.generator)
-    x_l = random_shift(x_l, config.data.max_shift, ctx.generator)
-    x_c = x_clean if clean else x_u
-    if config.train.step_mode == "fused":
-        return phases.fused_step(ctx, optimizers["autoencoder"], optimizers["critics"], x_u, x_l,
-                                 y_l, loss, x_clean)
-    out = {}
-    if loss.reconstruction > 0:
-        out |= phases.reconstruction_phase(ctx, optimizers["reconstruction"], x_u, loss.reconstruction)
-    out |= phases.discriminator_phase(ctx, optimizers["discriminators"], x_u)
-    if loss.adversarial_z > 0:
-        out |= phases.adversarial_z_phase(ctx, optimizers["adversarial_z"], x_u, loss.adversarial_z)
-    if loss.adversarial_y > 0:
-        out |= phases.adversarial_y_phase(ctx, optimizers["adversarial_y"], x_u, loss.adversarial_y)
-    if loss.supervised > 0:
-        out |= phases.supervised_phase(ctx, optimizers["supervised"], x_l, y_l, loss.supervised)
-    if loss.consistency > 0:
-        out |= phases.consistency_phase(ctx, optimizers["consistency"], x_u, x_clean,
-                                        loss.consistency)
-    if loss.vat > 0:
-        out |= phases.virtual_adversarial_phase(ctx, optimizers["vat"], x_clean, loss.vat,
-                                                loss.vat_epsilon)
-    out |= phases.correlation_phase(ctx, optimizers["correlation"], x_c, loss.correlation_target,
-                                    clean)
-    if loss.decorrelation > 0:
-        out |= phases.decorrelation_phase(ctx, optimizers["decorrelation"], x_c, loss.decorrelation,
-                                          loss.decorrelation_objective, loss.correlation_target,
-                                          clean)
-    if loss.independence > 0:
-        out |= phases.independence_phase(ctx, optimizers["independence"], x_c, loss.independence,
-                                         loss.correlation_target, clean)
-    return out
 
 
 class LossTracker:
@@ -222,7 +165,7 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     the folder (Tune trials) instead of one named from ``config.run``.
     """
     hooks = hooks or Hooks()
-    accelerator = make_accelerator(config.train.mixed_precision)
+    accelerator = make_accelerator(config.train.mixed_precision, config.train.cuda_graph)
     device = accelerator.device
     if config.train.mixed_precision == "fp16" and device.type == "cpu":
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 on CPU")
@@ -232,6 +175,7 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     data = load_data(config.data, config.seed)
     setup = prepare_training(config, accelerator, data)
     nets, optimizers, generator, batches = setup.nets, setup.optimizers, setup.generator, setup.batches
+    graphed_step = GraphedFusedStep(setup, config) if config.train.cuda_graph else None
 
     step = 0
     ckpt_path = checkpoint.checkpoint_path(run_dir)
@@ -298,7 +242,10 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
             epoch, step_in_epoch = divmod(step, batches.steps_per_epoch)
             if step_in_epoch == 0 or steps_timed == 0:
                 set_learning_rates(optimizers, epoch, config)
-            losses = training_iteration(setup.ctx, optimizers, batches, epoch, step_in_epoch, config)
+            if graphed_step is None:
+                losses = training_iteration(setup.ctx, optimizers, batches, epoch, step_in_epoch, config)
+            else:
+                losses = graphed_step(epoch, step_in_epoch)
             tracker.add(step, losses)
             step += 1
             steps_timed += 1

@@ -39,7 +39,7 @@ def first_gradients_and_losses(config, data, steps):
     """Train ``steps`` iterations from scratch: the gradients left by the first
     (each network's last phase), every iteration's losses, and the setup."""
     from daae.prepare import make_accelerator, prepare_training
-    from daae.train import training_iteration
+    from daae.iteration import training_iteration
 
     torch._dynamo.reset()  # compile afresh: no compiled code from earlier tests
     setup = prepare_training(config, make_accelerator("no"), data)

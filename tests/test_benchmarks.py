@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_step, common
+from daae.config import load_config
 
 from conftest import SMOKE, tiny_config
 
@@ -172,3 +173,4 @@ def test_the_documented_device_calls_parse():
     for call in calls:
         args = device_session.build_parser().parse_args(shlex.split(call.replace("$OUT", "out")))
         assert args.data_root == ".device/mnist" and (root / args.config).is_file()
+        load_config(root / args.config, args.set)  # every --set key exists and fits

@@ -255,7 +255,7 @@ def test_reference_virtual_adversarial_phase_pulls_perturbed_images_toward_the_c
 @pytest.mark.parametrize("term,start", [("vat", "vat"), ("independence", "decorrelation")])
 @pytest.mark.parametrize("step_mode", ["fused", "reference"])
 def test_a_term_before_its_start_epoch_is_the_step_without_it(tmp_path, step_mode, term, start):
-    from daae.train import training_iteration
+    from daae.iteration import training_iteration
 
     def first_step(epoch, *overrides):
         config = tiny_config(tmp_path, f"train.step_mode={step_mode}", "data.max_shift=1", *overrides)

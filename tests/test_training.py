@@ -135,7 +135,7 @@ def test_a_training_iteration_never_searches_the_import_path(tmp_path, monkeypat
     import importlib.util
 
     from daae.prepare import make_accelerator, prepare_training
-    from daae.train import training_iteration
+    from daae.iteration import training_iteration
 
     config = tiny_config(tmp_path, f"train.step_mode={step_mode}")
     setup = prepare_training(config, make_accelerator("no"), load_data(config.data, config.seed))
