@@ -7,8 +7,8 @@ loop (reference_impl.py), same process, same data, same networks.
                                     [--count-ops]
 
 Writes benchmarks/results/bench_step-<device>.json and prints a table.
-On a CUDA device a third daae case runs: the fused step replayed from one
-CUDA graph (train.cuda_graph=true, daae/graphed.py).
+On a CUDA device two more daae cases run: each step replayed from one CUDA
+graph (train.cuda_graph=true, daae/graphed.py).
 
 --count-ops adds the operators each implementation dispatches per step (one
 profiled step after the timing). On a GPU every one of them is at least one
@@ -27,7 +27,7 @@ from benchmarks.common import machine, median, peak_memory, timed, write_result
 from benchmarks.reference_impl import ReferenceTrainer
 from daae.config import load_config
 from daae.data import ImageSet, SemiSupervisedData
-from daae.graphed import GraphedFusedStep
+from daae.graphed import GraphedStep
 from daae.iteration import training_iteration
 from daae.prepare import make_accelerator, prepare_training
 
@@ -66,7 +66,7 @@ def daae_rate(config, data, steps: int, repeats: int,
     accelerator = make_accelerator(config.train.mixed_precision, config.train.cuda_graph)
     setup = prepare_training(config, accelerator, data)
     if config.train.cuda_graph:
-        iteration = GraphedFusedStep(setup, config)
+        iteration = GraphedStep(setup, config)
     else:
         def iteration(epoch, step):
             return training_iteration(setup.ctx, setup.optimizers, setup.batches, epoch, step, config)
@@ -130,11 +130,11 @@ def main(argv=None) -> int:
             # train.compile's runs (device_session --bench-compile) have no graphed case:
             # the graph holds the whole step and refuses compiled networks inside it.
             graphed = torch.cuda.is_available() and load_config(args.config, common).train.compile == "no"
-            modes = ["reference", "fused"] + (["fused_graph"] if graphed else [])
+            modes = ["reference", "fused"] + (["reference_graph", "fused_graph"] if graphed else [])
             for mode in modes:
-                step_mode = "reference" if mode == "reference" else "fused"
+                step_mode, _, graph = mode.partition("_")
                 config = load_config(args.config, [*common, f"train.step_mode={step_mode}",
-                                                   f"train.cuda_graph={mode == 'fused_graph'}"])
+                                                   f"train.cuda_graph={bool(graph)}"])
                 row[f"daae_{mode}_images_per_s"], device, ops = daae_rate(
                     config, data, args.steps, args.repeats, args.count_ops)
                 if ops is not None:
@@ -150,9 +150,11 @@ def main(argv=None) -> int:
                      "| daae fused %8.0f (x%.2f)", model, precision,
                      row["reference_impl_images_per_s"], row["daae_reference_images_per_s"],
                      row["speedup_reference"], row["daae_fused_images_per_s"], row["speedup_fused"])
-            if "fused_graph" in modes:
-                log.info("%-11s daae fused as one CUDA graph %8.0f img/s (x%.2f)", "",
-                         row["daae_fused_graph_images_per_s"], row["speedup_fused_graph"])
+            if graphed:
+                log.info("%-11s as one CUDA graph: daae reference order %8.0f (x%.2f) | daae fused "
+                         "%8.0f (x%.2f)", "", row["daae_reference_graph_images_per_s"],
+                         row["speedup_reference_graph"], row["daae_fused_graph_images_per_s"],
+                         row["speedup_fused_graph"])
             if args.count_ops:
                 log.info("%-11s operators per step: reference impl %.0f | daae reference order %.0f "
                          "| daae fused %.0f", "", row["reference_impl_ops_per_step"],

@@ -81,9 +81,9 @@ class TrainConfig:
     # torch.compile the networks each step trains: no | default | reduce-overhead
     # (adds CUDA graphs, for a GPU step bound by kernel launches) | max-autotune.
     compile: str = "no"
-    # Fused step only, one CUDA GPU, one process: record the whole iteration
-    # (batch draws, forwards, backwards, both Adam steps) as one CUDA graph and
-    # replay it, captured afresh when a learning rate or a loss weight changes
+    # One CUDA GPU, one process: record the whole iteration (batch draws,
+    # every forward, backward and Adam step, either step_mode) as one CUDA
+    # graph and replay it, captured afresh when a learning rate or a loss weight changes
     # (daae/graphed.py). The step at batch 100 is bound by the host's cost per
     # operator; a replay is one launch.
     cuda_graph: bool = False
@@ -263,8 +263,6 @@ def validate(config: Config) -> None:
              "must be increasing epoch numbers, each at least 1 ([] for none), or null to follow "
              "train.lr_milestones")
     if train.cuda_graph:
-        _require(train.step_mode == "fused", "train.cuda_graph",
-                 "captures the fused step only: set train.step_mode=fused, or train.cuda_graph=false")
         _require(train.mixed_precision != "fp16", "train.cuda_graph",
                  "cannot hold fp16's loss scaler (it reads the scale on the host every step): "
                  "use train.mixed_precision=bf16 or no, or train.cuda_graph=false")

@@ -1,10 +1,11 @@
-"""The fused training iteration replayed from one CUDA graph (``train.cuda_graph``).
+"""The training iteration replayed from one CUDA graph (``train.cuda_graph``).
 
 At batch 100 a GPU step of this model is bound by the host: the fused step
-dispatches about 400 operators (600 with the shipped config's terms), each
-costing the host far longer than its kernel takes on the GPU. A CUDA graph
-records every kernel of the iteration (batch draws, shifts, forwards,
-backwards and both Adam steps) once and replays them with one launch.
+dispatches about 400 operators (600 with the shipped config's terms), the
+reference order 600 to 900, each costing the host far longer than its kernel
+takes on the GPU. A CUDA graph records every kernel of the iteration (batch
+draws, shifts, forwards, backwards and Adam steps) once and replays them
+with one launch.
 
 What a graph cannot follow, because it freezes the host's side of a step:
 the learning rates and loss weights (Python floats baked into kernels) and
@@ -48,8 +49,8 @@ def capture_key(config: Config, optimizers: dict, epoch: int) -> tuple:
 
 
 class CudaGraphs:
-    """The CUDA half of GraphedFusedStep: warm-up on a side stream, capture,
-    replay. Tests on machines without CUDA hand GraphedFusedStep an eager
+    """The CUDA half of GraphedStep: warm-up on a side stream, capture,
+    replay. Tests on machines without CUDA hand GraphedStep an eager
     stand-in with the same two methods."""
 
     def __init__(self, device: torch.device):
@@ -68,13 +69,16 @@ class CudaGraphs:
         """Records ``iteration`` without running it: returns the replay and
         the outputs each replay overwrites."""
         graph = torch.cuda.CUDAGraph()
+        # Without it a draw from a generator other than the default one fails
+        # the capture (torch 2.11, the device image's); later releases register
+        # generators on first use and keep this call as a no-op.
         graph.register_generator_state(generator)
         with torch.cuda.graph(graph):
             outputs = iteration()
         return graph.replay, outputs
 
 
-class GraphedFusedStep:
+class GraphedStep:
     """Call it as ``training_iteration`` is called, with (epoch, step_in_epoch):
     it runs the same iteration and returns the same losses, as tensors the
     next call overwrites (read them, as LossTracker does, before calling again).
@@ -96,20 +100,30 @@ class GraphedFusedStep:
         return iteration_on_batch(setup.ctx, setup.optimizers, setup.batches,
                                   setup.batches.unlabelled_images(self.index), weights, self.config)
 
+    def _release_gradients(self) -> None:
+        """Every parameter's gradient to None. The reference order's phases
+        leave gradients on networks they do not step (accumulated, never
+        read: each optimizer zeroes its own before its backward). A capture
+        that accumulated into such a buffer, allocated outside its memory
+        pool, would keep writing there on every replay after the buffer was
+        freed; with none left, every gradient a capture writes is its own."""
+        for optimizer in self.setup.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+
     def __call__(self, epoch: int, step_in_epoch: int) -> dict:
         key = capture_key(self.config, self.setup.optimizers, epoch)
         weights = key[0]
         if key != self.key:
-            # Dropping the old graph frees its memory pool once its outputs
-            # and the gradients it allocated are gone (the next warm-up's
-            # zero_grad releases those).
+            # The old graph's memory pool goes with its outputs and gradients.
             self.key, self.replay, self.outputs = key, None, None
+            self._release_gradients()
             self.warmup_left = WARMUP_ITERATIONS
         self.index.copy_(self.setup.batches.unlabelled_index(epoch, step_in_epoch))
         if self.warmup_left > 0:
             self.warmup_left -= 1
             return self.graphs.warmup(lambda: self._iteration(weights))
         if self.replay is None:
+            self._release_gradients()
             self.replay, self.outputs = self.graphs.capture(lambda: self._iteration(weights),
                                                             self.setup.generator)
             self.captures += 1

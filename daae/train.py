@@ -15,7 +15,7 @@ from . import checkpoint
 from .config import Config, ConfigError, save_config, to_dict
 from .data import load_data, to_float
 from .evaluate import evaluate, tensorboard_tags
-from .graphed import GraphedFusedStep
+from .graphed import GraphedStep
 from .grids import reconstruction_grid, save_png
 from .iteration import training_iteration
 from .optimizers import lr_factor, restore_optimizer, set_learning_rates
@@ -175,7 +175,7 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     data = load_data(config.data, config.seed)
     setup = prepare_training(config, accelerator, data)
     nets, optimizers, generator, batches = setup.nets, setup.optimizers, setup.generator, setup.batches
-    graphed_step = GraphedFusedStep(setup, config) if config.train.cuda_graph else None
+    graphed_step = GraphedStep(setup, config) if config.train.cuda_graph else None
 
     step = 0
     ckpt_path = checkpoint.checkpoint_path(run_dir)

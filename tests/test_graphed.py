@@ -40,10 +40,11 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("target", ["soft", "hard"])
-def test_the_fused_iteration_never_reads_a_device_value_back(tmp_path, target):
+@pytest.mark.parametrize("step_mode, target", [("fused", "soft"), ("fused", "hard"),
+                                               ("reference", "soft"), ("reference", "hard")])
+def test_an_iteration_never_reads_a_device_value_back(tmp_path, step_mode, target):
     # Every term the shipped configs use, past every start epoch.
-    config = tiny_config(tmp_path, "train.step_mode=fused", "data.max_shift=2",
+    config = tiny_config(tmp_path, f"train.step_mode={step_mode}", "data.max_shift=2",
                          "loss.correlation_input=clean", "loss.decorrelation_objective=uniform",
                          f"loss.correlation_target={target}", "loss.consistency=1", "loss.vat=1",
                          "loss.independence=1", "model.input_noise=0.1")
@@ -65,17 +66,16 @@ def test_the_host_read_check_catches_a_host_read():
 
 
 @pytest.mark.parametrize("override, fix", [
-    ("train.step_mode=reference", "train.step_mode=fused"),
     ("train.mixed_precision=fp16", "train.mixed_precision=bf16"),
     ("train.compile=default", "train.compile=no"),
 ])
 def test_cuda_graph_refuses_what_it_cannot_capture(tmp_path, override, fix):
     with pytest.raises(ConfigError, match=f"train.cuda_graph: .*{fix}"):
-        tiny_config(tmp_path, "train.step_mode=fused", "train.cuda_graph=true", override)
+        tiny_config(tmp_path, "train.cuda_graph=true", override)
 
 
 def test_cuda_graph_on_a_cpu_stops_before_training_and_names_the_fix(tmp_path):
-    config = tiny_config(tmp_path, "train.step_mode=fused", "train.cuda_graph=true")
+    config = tiny_config(tmp_path, "train.cuda_graph=true")
     with pytest.raises(ConfigError, match="train.cuda_graph=true needs a CUDA GPU.*train.cuda_graph=false"):
         train(config, run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -114,13 +114,14 @@ class EagerGraphs:
         return (lambda: outputs.update(iteration())), outputs
 
 
-def test_graphed_steps_train_as_the_eager_loop_does(tmp_path):
+@pytest.mark.parametrize("step_mode", ["fused", "reference"])
+def test_graphed_steps_train_as_the_eager_loop_does(tmp_path, step_mode):
     """Warm-up, capture and replay, captured afresh at a learning-rate drop
     and when VAT starts, and the unlabelled batch each replay reads: the same
     losses, step for step, as training_iteration."""
-    from daae.graphed import WARMUP_ITERATIONS, GraphedFusedStep
+    from daae.graphed import WARMUP_ITERATIONS, GraphedStep
 
-    config = tiny_config(tmp_path, "train.step_mode=fused", "data.max_shift=2",
+    config = tiny_config(tmp_path, f"train.step_mode={step_mode}", "data.max_shift=2",
                          "data.synthetic_train_size=800", "data.validation_size=100",
                          "loss.correlation_input=clean", "loss.decorrelation_objective=uniform",
                          "loss.vat=1", "loss.vat_start_epoch=2", "loss.independence=1",
@@ -129,7 +130,7 @@ def test_graphed_steps_train_as_the_eager_loop_does(tmp_path):
     histories, stand_in = [], EagerGraphs()
     for graphed in (False, True):
         setup = prepare_training(config, make_accelerator("no"), data)
-        step_fn = GraphedFusedStep(setup, config, stand_in) if graphed else None
+        step_fn = GraphedStep(setup, config, stand_in) if graphed else None
         per_epoch = setup.batches.steps_per_epoch
         history = []
         for step in range(4 * per_epoch):
