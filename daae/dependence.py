@@ -12,6 +12,8 @@ and has no network for the encoder to outrun.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Gaussian kernels at these multiples of the batch's median squared distance:
@@ -34,14 +36,19 @@ def class_rows(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     return targets.float()
 
 
-def _off_diagonal(square: torch.Tensor) -> torch.Tensor:
-    """The entries of an n x n matrix off its diagonal, row by row, gathered
-    by computed indices: a boolean mask would read its count back to the host."""
-    n = len(square)
-    k = torch.arange(n * (n - 1), device=square.device)
+@functools.lru_cache(maxsize=8)
+def _off_diagonal_index(n: int, device: torch.device) -> torch.Tensor:
+    k = torch.arange(n * (n - 1), device=device)
     rows, columns = k // (n - 1), k % (n - 1)
     columns = columns + (columns >= rows).long()  # skip the diagonal
-    return square.flatten()[rows * n + columns]
+    return rows * n + columns
+
+
+def _off_diagonal(square: torch.Tensor) -> torch.Tensor:
+    """The entries of an n x n matrix off its diagonal, row by row, gathered
+    by computed indices (made once per size: a step is bound by its operator
+    count on a GPU): a boolean mask would read its count back to the host."""
+    return square.flatten()[_off_diagonal_index(len(square), square.device)]
 
 
 def normalised_hsic(z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
