@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from . import phases
+from . import fused, phases
 from .config import Config, LossConfig
 from .data import DeviceBatches, random_shift
 
@@ -46,8 +46,8 @@ def iteration_on_batch(ctx: phases.StepContext, optimizers: dict, batches: Devic
     x_l = random_shift(x_l, config.data.max_shift, ctx.generator)
     x_c = x_clean if clean else x_u
     if config.train.step_mode == "fused":
-        return phases.fused_step(ctx, optimizers["autoencoder"], optimizers["critics"], x_u, x_l,
-                                 y_l, loss, x_clean)
+        return fused.fused_step(ctx, optimizers["autoencoder"], optimizers["critics"], x_u, x_l,
+                                y_l, loss, x_clean)
     out = {}
     if loss.reconstruction > 0:
         out |= phases.reconstruction_phase(ctx, optimizers["reconstruction"], x_u, loss.reconstruction)

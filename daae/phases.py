@@ -73,13 +73,13 @@ def frozen(*modules: nn.Module):
             p.requires_grad_(flag)
 
 
-def _real_fake_logits(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+def real_fake_logits(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     # One forward over [real; fake]: DDP allows one forward per backward, and
     # the critics have no batch norm, so concatenating changes nothing else.
     return critic(torch.cat([real, fake])).float().squeeze(1)
 
 
-def _real_fake_bce(logits: torch.Tensor, real_weights: torch.Tensor) -> torch.Tensor:
+def real_fake_bce(logits: torch.Tensor, real_weights: torch.Tensor) -> torch.Tensor:
     """The critic's loss on the logits of [real; fake]: the mean over every draw,
     where real row i stands for ``real_weights[i]`` draws."""
     n_real, n_fake = len(real_weights), len(logits) - len(real_weights)
@@ -90,7 +90,7 @@ def _real_fake_bce(logits: torch.Tensor, real_weights: torch.Tensor) -> torch.Te
     return total / (real_weights.sum() + n_fake)
 
 
-def _fooled_bce(critic_logits: torch.Tensor) -> torch.Tensor:
+def fooled_bce(critic_logits: torch.Tensor) -> torch.Tensor:
     """The generator's loss: the critic should call these encodings real."""
     logits = critic_logits.float().squeeze(1)
     return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
@@ -197,9 +197,9 @@ def discriminator_phase(ctx: StepContext, optimizer, x: torch.Tensor):
         logits_y, z = ctx.plain.encoder(ctx.noisy(x))
     with ctx.accelerator.autocast():
         real_z, (real_y, counts_y) = ctx.prior_z(len(x), x.device), ctx.prior_y(len(x), x.device)
-        loss_z = _real_fake_bce(_real_fake_logits(ctx.wrapped["d_z"], real_z, z.float()),
+        loss_z = real_fake_bce(real_fake_logits(ctx.wrapped["d_z"], real_z, z.float()),
                                 torch.ones(len(x), device=x.device))
-        loss_y = _real_fake_bce(_real_fake_logits(ctx.wrapped["d_y"], real_y,
+        loss_y = real_fake_bce(real_fake_logits(ctx.wrapped["d_y"], real_y,
                                                   logits_y.float().softmax(1)), counts_y)
     ctx.step(optimizer, loss_z + loss_y)
     return {"discriminator_z": loss_z.detach(), "discriminator_y": loss_y.detach()}
@@ -208,7 +208,7 @@ def discriminator_phase(ctx: StepContext, optimizer, x: torch.Tensor):
 def adversarial_z_phase(ctx: StepContext, optimizer, x: torch.Tensor, weight: float):
     with frozen(ctx.plain.d_z), ctx.accelerator.autocast():
         _, z = ctx.wrapped["encoder"](ctx.noisy(x))
-        loss = _fooled_bce(ctx.plain.d_z(z))
+        loss = fooled_bce(ctx.plain.d_z(z))
     ctx.step(optimizer, weight * loss)
     return {"adversarial_z": loss.detach()}
 
@@ -216,7 +216,7 @@ def adversarial_z_phase(ctx: StepContext, optimizer, x: torch.Tensor, weight: fl
 def adversarial_y_phase(ctx: StepContext, optimizer, x: torch.Tensor, weight: float):
     with frozen(ctx.plain.d_y), ctx.accelerator.autocast():
         logits_y, _ = ctx.wrapped["encoder"](ctx.noisy(x))
-        loss = _fooled_bce(ctx.plain.d_y(logits_y.float().softmax(1)))
+        loss = fooled_bce(ctx.plain.d_y(logits_y.float().softmax(1)))
     ctx.step(optimizer, weight * loss)
     return {"adversarial_y": loss.detach()}
 
@@ -284,126 +284,3 @@ def independence_phase(ctx: StepContext, optimizer, x: torch.Tensor, weight: flo
     loss = normalised_hsic(z, classes)
     ctx.step(optimizer, weight * loss)
     return {"independence": loss.detach()}
-
-
-# ------------------------------------------------------------------- fused step
-
-def _fooling_gradient(critic_input_grad: torch.Tensor, fake_logits: torch.Tensor,
-                      critic_batch: int) -> torch.Tensor:
-    """d _fooled_bce(critic(code)) / d code, from the critic's own backward.
-
-    A critic scores each sample on its own (no batch norm), so at the fakes the
-    critic loss and the fooling loss differ only in the scalar gradient at each
-    logit: sigmoid(l) / critic_batch versus (sigmoid(l) - 1) / n. Scaling the
-    critic's input gradient per sample by their ratio, -(critic_batch / n) exp(-l),
-    gives the encoder its gradient without a second pass through the critic.
-    The exponent is capped where sigmoid(l) nears fp32's floor; a critic that
-    certain (l < -60) is far outside a working adversarial game.
-    """
-    n = len(fake_logits)
-    ratio = -(critic_batch / n) * torch.exp((-fake_logits).clamp(max=60.0))
-    return critic_input_grad * ratio.view(-1, *([1] * (critic_input_grad.dim() - 1)))
-
-
-def _loss_scale(ctx: StepContext) -> float:
-    """fp16's loss scale, read before the step that may change it (one host sync);
-    1 without fp16."""
-    scaler = getattr(ctx.accelerator, "scaler", None)
-    return 1.0 if scaler is None else scaler.get_scale()
-
-
-def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
-               x_u: torch.Tensor, x_l: torch.Tensor, y_l: torch.Tensor, weights,
-               x_clean: torch.Tensor | None = None):
-    """Every loss from one encoder forward over [x_u; x_l] and one pass
-    through each critic.
-
-    The critics see leaf copies of the codes, so their single backward yields
-    both their own gradients and, at the leaves, the gradient the encoder needs
-    to fool them; the encoder and decoder then take one step on their losses
-    plus those code gradients. Critic and encoder are judged by the same
-    (pre-update) critics: simultaneous rather than alternating updates.
-    ``weights`` is the loss config in force: each term's weight (a zero
-    decorrelation leaves it out), the decorrelation's objective and C's target.
-    ``x_clean``, the unlabelled images unaltered, is encoded without noise in
-    the same forward (DDP allows one per backward; batch norm then normalises
-    over all parts) when C and the decorrelation read its codes
-    (``weights.correlation_input`` clean) or the consistency or virtual
-    adversarial term needs its targets; None when none does. With ``weights.vat``
-    the perturbed unaltered images are a fourth part of that forward.
-    """
-    on_clean = weights.correlation_input == "clean"
-    decorrelate, objective = weights.decorrelation > 0, weights.decorrelation_objective
-    if x_clean is None and reads_clean_images(weights):
-        raise ValueError("fused_step: loss.correlation_input=clean, loss.consistency > 0 or "
-                         "loss.vat > 0 reads the unaltered unlabelled images; pass them as x_clean")
-    n, n_l = len(x_u), len(x_l)
-    n_clean = 0 if x_clean is None else len(x_clean)
-    inputs = [ctx.noisy(torch.cat([x_u, x_l]))]
-    if x_clean is not None:
-        inputs.append(x_clean)
-    if weights.vat > 0:
-        inputs.append(x_clean + virtual_adversarial_perturbation(ctx, x_clean, weights.vat_epsilon))
-    with ctx.accelerator.autocast():
-        logits_all, z_all = ctx.wrapped["encoder"](torch.cat(inputs))
-    logits_y, z, logits_l = logits_all[:n].float(), z_all[:n].float(), logits_all[n:n + n_l].float()
-    clean_rows = slice(n + n_l, n + n_l + n_clean)
-    logits_clean, z_clean = logits_all[clean_rows].float(), z_all[clean_rows].float()
-    logits_perturbed = logits_all[n + n_l + n_clean:].float()
-    q = logits_y.softmax(1)
-    logits_c_input, z_c_input = (logits_clean, z_clean) if on_clean else (logits_y, z)
-    targets = correlation_targets(logits_c_input, weights.correlation_target)
-
-    z_at_dz, q_at_dy, z_at_c = (code.detach().requires_grad_() for code in (z, q, z_c_input))
-    real_z, (real_y, counts_y) = ctx.prior_z(n, z.device), ctx.prior_y(n, z.device)
-    with ctx.accelerator.autocast():
-        dz_logits = _real_fake_logits(ctx.wrapped["d_z"], real_z, z_at_dz)
-        dy_logits = _real_fake_logits(ctx.wrapped["d_y"], real_y, q_at_dy)
-        c_logits = ctx.wrapped["correlation"](z_at_c).float()
-    loss_dz = _real_fake_bce(dz_logits, torch.ones(n, device=z.device))
-    loss_dy = _real_fake_bce(dy_logits, counts_y)
-    loss_c = F.cross_entropy(c_logits, targets)
-    fake_dz, fake_dy = dz_logits[-n:].detach(), dy_logits[-n:].detach()
-    losses = {"discriminator_z": loss_dz, "discriminator_y": loss_dy, "correlation": loss_c,
-              "adversarial_z": _fooled_bce(fake_dz[:, None]),
-              "adversarial_y": _fooled_bce(fake_dy[:, None])}
-    if decorrelate:
-        losses["decorrelation"] = decorrelation_loss(c_logits, targets, objective)
-        if objective != "maximize_ce":
-            # Not C's loss negated: needs its own (input-gradient-only) pass back through C.
-            (grad_decorrelation,) = torch.autograd.grad(losses["decorrelation"], z_at_c,
-                                                        retain_graph=True)
-    scale = _loss_scale(ctx)
-    ctx.step(critic_optimizer, loss_dz + loss_dy + loss_c)
-
-    grad_z = weights.adversarial_z * _fooling_gradient(z_at_dz.grad / scale, fake_dz, 2 * n)
-    grad_q = weights.adversarial_y * _fooling_gradient(q_at_dy.grad / scale, fake_dy, 2 * n)
-    if decorrelate:
-        # maximize_ce is C's own loss negated, so its gradient is C's, reversed.
-        grad_decorrelation = weights.decorrelation * (
-            -z_at_c.grad / scale if objective == "maximize_ce" else grad_decorrelation)
-        if not on_clean:
-            grad_z = grad_z + grad_decorrelation
-
-    with ctx.accelerator.autocast():
-        x_hat = ctx.wrapped["decoder"](q, z)
-    losses["reconstruction"] = F.mse_loss(x_hat.float(), x_u)
-    losses["supervised"] = F.cross_entropy(logits_l, y_l)
-    # The code terms are linear surrogates: their gradients are grad_z and grad_q.
-    total = (weights.reconstruction * losses["reconstruction"]
-             + weights.supervised * losses["supervised"]
-             + (z * grad_z).sum() + (q * grad_q).sum())
-    if weights.consistency > 0:
-        losses["consistency"] = consistency_loss(logits_y, logits_clean)
-        total = total + weights.consistency * losses["consistency"]
-    if weights.vat > 0:
-        losses["vat"] = consistency_loss(logits_perturbed, logits_clean)
-        total = total + weights.vat * losses["vat"]
-    if weights.independence > 0:
-        losses["independence"] = normalised_hsic(z_c_input, class_rows(targets, ctx.num_classes))
-        total = total + weights.independence * losses["independence"]
-    if decorrelate and on_clean:
-        # The clean rows feed only C: their gradient is a surrogate of its own.
-        total = total + (z_c_input * grad_decorrelation).sum()
-    ctx.step(autoencoder_optimizer, total)
-    return {name: value.detach() for name, value in losses.items()}

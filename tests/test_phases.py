@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from daae import phases
+from daae import fused, phases
 from daae.data import load_data
 from daae.prepare import make_accelerator, prepare_training
 
@@ -133,8 +133,8 @@ def test_fused_step_gradients_equal_the_plainly_computed_ones(tmp_path, objectiv
     before = copy.deepcopy(setup.nets)
     state = setup.generator.get_state()
 
-    phases.fused_step(setup.ctx, setup.optimizers["autoencoder"], setup.optimizers["critics"],
-                      x_u, x_l, y_l, config.loss, x_clean)
+    fused.fused_step(setup.ctx, setup.optimizers["autoencoder"], setup.optimizers["critics"],
+                     x_u, x_l, y_l, config.loss, x_clean)
 
     critic_grads, autoencoder_grads = _explicit_gradients(before, state, setup.ctx, x_u, x_l, y_l,
                                                           config.loss, objective, x_clean)
@@ -150,7 +150,7 @@ def test_fooling_gradient_stays_finite_for_a_certain_critic():
     # rescaled gradient must not turn into 0 * inf.
     logits = torch.tensor([-200.0, -30.0, 0.0, 30.0])
     critic_grad = torch.sigmoid(logits)[:, None] * torch.ones(4, 3) / 8
-    grad = phases._fooling_gradient(critic_grad, logits, critic_batch=8)
+    grad = fused._fooling_gradient(critic_grad, logits, critic_batch=8)
     assert torch.isfinite(grad).all()
     expected = (torch.sigmoid(logits) - 1)[:, None] * torch.ones(4, 3) / 4
     torch.testing.assert_close(grad[1:], expected[1:])
