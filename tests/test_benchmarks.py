@@ -28,6 +28,21 @@ def test_bench_step_runs_and_writes_its_result(tmp_path, monkeypatch):
     assert result["machine"]["cores"] >= 1 and "torch" in result["machine"]
 
 
+def test_a_failed_cuda_graph_case_keeps_the_eager_figures(tmp_path, monkeypatch):
+    """On a GPU bench_step adds the graphed cases; one that fails (here: asked
+    for on a CPU, which train.cuda_graph refuses) is recorded, not fatal."""
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench_step, "graph_cases_run", lambda: True)
+    assert bench_step.main(["--models", "mlp", "--precisions", "fp32", "--steps", "2",
+                            "--repeats", "1", "--images", "600", "--name", "g",
+                            "--set", "model.scale=0.05", "model.adversary_hidden=32"]) == 0
+    (row,) = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert row["daae_reference_images_per_s"] > 0 and row["daae_fused_images_per_s"] > 0
+    for mode in ("reference_graph", "fused_graph"):
+        assert "train.cuda_graph=true needs a CUDA GPU" in row[f"daae_{mode}_error"]
+        assert f"speedup_{mode}" not in row
+
+
 def test_bench_accuracy_records_a_curve_and_the_targets(tmp_path, monkeypatch):
     from benchmarks import bench_accuracy
 
