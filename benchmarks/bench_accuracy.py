@@ -4,7 +4,7 @@ decorrelation on.
     python -m benchmarks.bench_accuracy [--config configs/mnist_mlp.yaml] [--set key=value ...]
                                         [--targets 0.95 0.98] [--budget-s S] [--eval-every 250]
 
-It trains with the trainer's own iteration (daae.iteration.training_iteration,
+It trains with the trainer's own iteration (daae.graphed.make_iteration,
 learning-rate drops, decorrelation start) and, every --eval-every steps, stops
 the clock to measure test accuracy and the adversary's accuracy. On a GPU it
 runs until every target is reached or the config's epochs are done; on CPU
@@ -28,7 +28,7 @@ from benchmarks.common import machine, peak_memory, synchronize, write_result
 from daae.config import load_config
 from daae.data import load_data
 from daae.evaluate import evaluate
-from daae.iteration import training_iteration
+from daae.graphed import make_iteration
 from daae.optimizers import set_learning_rates
 from daae.prepare import make_accelerator, prepare_training
 from daae.train import LossTracker, planned_steps
@@ -46,10 +46,11 @@ def first_reaching(curve: list[dict], target: float) -> dict | None:
 
 
 def run(config, targets: list[float], budget_s: float | None, eval_every: int) -> dict:
-    accelerator = make_accelerator(config.train.mixed_precision)
+    accelerator = make_accelerator(config.train.mixed_precision, config.train.cuda_graph)
     device = accelerator.device
     data = load_data(config.data, config.seed)
     setup = prepare_training(config, accelerator, data)
+    iteration = make_iteration(setup, config)
     steps_per_epoch = setup.batches.steps_per_epoch
     total_steps = planned_steps(config, steps_per_epoch)
     tracker = LossTracker(device)
@@ -61,8 +62,7 @@ def run(config, targets: list[float], budget_s: float | None, eval_every: int) -
             epoch, in_epoch = divmod(step, steps_per_epoch)
             if in_epoch == 0:
                 set_learning_rates(setup.optimizers, epoch, config)
-            tracker.add(step, training_iteration(setup.ctx, setup.optimizers, setup.batches,
-                                                 epoch, in_epoch, config))
+            tracker.add(step, iteration(epoch, in_epoch))
             step += 1
         synchronize(device)
         clock += time.perf_counter() - started

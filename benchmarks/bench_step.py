@@ -27,8 +27,7 @@ from benchmarks.common import machine, median, peak_memory, timed, write_result
 from benchmarks.reference_impl import ReferenceTrainer
 from daae.config import load_config
 from daae.data import ImageSet, SemiSupervisedData
-from daae.graphed import GraphedStep
-from daae.iteration import training_iteration
+from daae.graphed import make_iteration
 from daae.prepare import make_accelerator, prepare_training
 
 log = logging.getLogger("bench_step")
@@ -65,11 +64,7 @@ def daae_rate(config, data, steps: int, repeats: int,
     torch._dynamo.reset()
     accelerator = make_accelerator(config.train.mixed_precision, config.train.cuda_graph)
     setup = prepare_training(config, accelerator, data)
-    if config.train.cuda_graph:
-        iteration = GraphedStep(setup, config)
-    else:
-        def iteration(epoch, step):
-            return training_iteration(setup.ctx, setup.optimizers, setup.batches, epoch, step, config)
+    iteration = make_iteration(setup, config)
 
     def run():
         for i in range(steps):

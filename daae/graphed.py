@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from .config import Config, ConfigError
-from .iteration import iteration_on_batch, weights_at_epoch
+from .iteration import iteration_on_batch, training_iteration, weights_at_epoch
 
 # Eager iterations before each capture, on a side stream as PyTorch's CUDA
 # graph notes ask: lazy initialisation (cuBLAS workspaces, Adam's state, the
@@ -39,6 +39,16 @@ def check_supported(config: Config, device: torch.device, num_processes: int) ->
         raise ConfigError(f"train.cuda_graph=true runs in one process (DDP's gradient "
                           f"all-reduce is not captured); this run has {num_processes}: launch "
                           f"one process, or set train.cuda_graph=false")
+
+
+def make_iteration(setup, config: Config) -> Callable[[int, int], dict]:
+    """The run's iteration as (epoch, step_in_epoch) -> losses, for every loop
+    that trains (the trainer, bench_step, bench_accuracy): replayed from a CUDA
+    graph under train.cuda_graph, run eagerly otherwise."""
+    if config.train.cuda_graph:
+        return GraphedStep(setup, config)
+    return lambda epoch, step_in_epoch: training_iteration(
+        setup.ctx, setup.optimizers, setup.batches, epoch, step_in_epoch, config)
 
 
 def capture_key(config: Config, optimizers: dict, epoch: int) -> tuple:

@@ -15,9 +15,8 @@ from . import checkpoint
 from .config import Config, ConfigError, save_config, to_dict
 from .data import load_data, to_float
 from .evaluate import evaluate, tensorboard_tags
-from .graphed import GraphedStep
+from .graphed import make_iteration
 from .grids import reconstruction_grid, save_png
-from .iteration import training_iteration
 from .optimizers import lr_factor, restore_optimizer, set_learning_rates
 from .prepare import make_accelerator, prepare_training
 from .sample import tensorboard_generation
@@ -175,7 +174,7 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     data = load_data(config.data, config.seed)
     setup = prepare_training(config, accelerator, data)
     nets, optimizers, generator, batches = setup.nets, setup.optimizers, setup.generator, setup.batches
-    graphed_step = GraphedStep(setup, config) if config.train.cuda_graph else None
+    iteration = make_iteration(setup, config)
 
     step = 0
     ckpt_path = checkpoint.checkpoint_path(run_dir)
@@ -242,10 +241,7 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
             epoch, step_in_epoch = divmod(step, batches.steps_per_epoch)
             if step_in_epoch == 0 or steps_timed == 0:
                 set_learning_rates(optimizers, epoch, config)
-            if graphed_step is None:
-                losses = training_iteration(setup.ctx, optimizers, batches, epoch, step_in_epoch, config)
-            else:
-                losses = graphed_step(epoch, step_in_epoch)
+            losses = iteration(epoch, step_in_epoch)
             tracker.add(step, losses)
             step += 1
             steps_timed += 1
