@@ -124,9 +124,9 @@ class GraphedStep:
         key = capture_key(self.config, self.setup.optimizers, epoch)
         weights = key[0]
         if key != self.key:
-            # The old graph's memory pool goes with its outputs and gradients.
+            # The old graph's memory pool goes once the gradients it allocated
+            # do, at the next capture's release.
             self.key, self.replay, self.outputs = key, None, None
-            self._release_gradients()
             self.warmup_left = WARMUP_ITERATIONS
         self.index.copy_(self.setup.batches.unlabelled_index(epoch, step_in_epoch))
         if self.warmup_left > 0:
