@@ -1,6 +1,8 @@
-"""Images per second through the whole training iteration (all phases):
-daae's reference-order and fused steps against a plain port of the original
-loop (reference_impl.py), same process, same data, same networks.
+"""Images per second through the whole training iteration (all phases, and
+for daae the trainer's summing of the losses on the device): daae's
+reference-order and fused steps against a plain port of the original loop
+(reference_impl.py, which reads its losses with .item()), same process, same
+data, same networks.
 
     python -m benchmarks.bench_step [--models mlp conv] [--precisions fp32 bf16]
                                     [--steps 30] [--repeats 5] [--config FILE]
@@ -29,6 +31,7 @@ from daae.config import load_config
 from daae.data import ImageSet, SemiSupervisedData
 from daae.graphed import make_iteration
 from daae.prepare import make_accelerator, prepare_training
+from daae.train import LossTracker
 
 log = logging.getLogger("bench_step")
 MODELS = {"mlp": ["model.kind=mlp", "model.scale=1.0"], "conv": ["model.kind=conv", "model.scale=2.0"]}
@@ -65,16 +68,21 @@ def daae_rate(config, data, steps: int, repeats: int,
     accelerator = make_accelerator(config.train.mixed_precision, config.train.cuda_graph)
     setup = prepare_training(config, accelerator, data)
     iteration = make_iteration(setup, config)
+    # The trainer's per-step work: the iteration and the losses summed on the device.
+    tracker = LossTracker(accelerator.device)
+
+    def train_step(i: int) -> None:
+        epoch, step = divmod(i, setup.batches.steps_per_epoch)
+        tracker.add(i, iteration(epoch + 1, step))
 
     def run():
         for i in range(steps):
-            epoch, step = divmod(i, setup.batches.steps_per_epoch)
-            losses = iteration(epoch + 1, step)
-        float(next(iter(losses.values())))  # one sync, as the trainer's log step does
+            train_step(i)
+        tracker.pop_means()  # one sync, as the trainer's log step does
 
     run()  # warm-up: allocator, first-call overheads, compilation, the graph's capture
     seconds = median([timed(run, accelerator.device) for _ in range(repeats)])
-    ops = ops_per_step(lambda: iteration(1, 0)) if count_ops else None
+    ops = ops_per_step(lambda: train_step(0)) if count_ops else None
     return steps * config.train.batch_size * 2 / seconds, accelerator.device, ops
 
 

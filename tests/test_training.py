@@ -6,7 +6,7 @@ import torch
 from daae import checkpoint
 from daae.data import load_data
 from daae.evaluate import cluster_accuracy
-from daae.train import NonFiniteLossError, train
+from daae.train import LossTracker, NonFiniteLossError, train
 
 from conftest import tiny_config
 
@@ -115,6 +115,25 @@ def test_non_finite_loss_names_phase_and_step_and_keeps_last_checkpoint(tmp_path
     assert kept["step"] == 10
     for name, tensor in good["networks"].items():
         assert torch.equal(tensor, kept["networks"][name])
+
+
+def test_logged_means_span_a_term_starting_mid_window_and_the_first_bad_step_is_named():
+    def losses(**values):
+        return {name: torch.tensor(value) for name, value in values.items()}
+
+    tracker = LossTracker(torch.device("cpu"))
+    tracker.add(0, losses(reconstruction=1.0, supervised=2.0))
+    tracker.add(1, losses(reconstruction=3.0, supervised=4.0, vat=10.0))  # VAT starts
+    tracker.check()
+    assert tracker.pop_means() == {"reconstruction": 2.0, "supervised": 3.0, "vat": 10.0}
+    tracker.add(2, losses(reconstruction=5.0, supervised=6.0, vat=20.0))
+    assert tracker.pop_means() == {"reconstruction": 5.0, "supervised": 6.0, "vat": 20.0}
+
+    tracker.add(3, losses(reconstruction=1.0, supervised=float("inf"), vat=1.0))
+    tracker.add(4, losses(reconstruction=float("nan"), supervised=1.0))
+    tracker.add(5, losses(reconstruction=float("nan"), supervised=float("nan"), vat=1.0))
+    with pytest.raises(NonFiniteLossError, match="the supervised loss became non-finite at step 3"):
+        tracker.check()
 
 
 def test_cluster_accuracy_names_each_cluster_after_its_best_matching_label():
