@@ -17,11 +17,14 @@ from typing import Callable
 from .config import ConfigError
 from .runs import METRICS_FILE
 
+# Metrics that runs written before they existed lack: their column reads "–".
+OPTIONAL = {"adversary_floor"}
 # (column, split, metric, scale, decimals); scale "error" reports 100 - 100 * accuracy;
 # decimals None: whole numbers when every value is one, else one decimal.
 COLUMNS = (
     ("test error %", "test", "accuracy", "error", 2),
     ("adversary %", "test", "adversary_accuracy", 100.0, 2),
+    ("adversary floor %", "test", "adversary_floor", 100.0, 2),
     ("probe %", "test", "probe_accuracy", 100.0, 2),
     ("linear probe %", "test", "linear_probe_accuracy", 100.0, 2),
     ("recon mse", "test", "recon_mse", 1.0, 4),
@@ -69,6 +72,9 @@ def summarize(run_dirs) -> dict:
     rows = [(Path(d), _read_metrics(Path(d))) for d in run_dirs]
     summary = {"runs": len(rows)}
     for column, split, name, scale, _ in COLUMNS:
+        if name in OPTIONAL and any(name not in (m.get(split) or {}) for _, m in rows):
+            summary[column] = {"mean": None, "std": None, "values": []}
+            continue
         values = [_value(m, split, name, scale, d / METRICS_FILE) for d, m in rows]
         mean, std = mean_std(values)
         summary[column] = {"mean": mean, "std": std, "values": values}
@@ -78,7 +84,7 @@ def summarize(run_dirs) -> dict:
 def _cell(stats: dict, decimals) -> str:
     if decimals is None:
         decimals = 0 if all(float(v).is_integer() for v in stats["values"]) else 1
-    if math.isnan(stats["mean"]):
+    if stats["mean"] is None or math.isnan(stats["mean"]):
         return "–"
     if len(stats["values"]) == 1:  # one run has no spread to report
         return f"{stats['mean']:.{decimals}f}"

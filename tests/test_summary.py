@@ -6,13 +6,15 @@ import pytest
 from daae.cli import main
 
 
-def _finished_run(folder, accuracy, adversary, *, final_test=True):
+def _finished_run(folder, accuracy, adversary, *, final_test=True, floor=None):
     folder.mkdir()
     metrics = {"step": 1500, "epoch": 3.0, "train_seconds": 300.0,
                "validation": {"accuracy": accuracy - 0.01}}
     if final_test:
         metrics["test"] = {"accuracy": accuracy, "adversary_accuracy": adversary,
                            "probe_accuracy": 0.5, "linear_probe_accuracy": 0.3, "recon_mse": 0.03}
+        if floor is not None:
+            metrics["test"]["adversary_floor"] = floor
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return str(folder)
 
@@ -33,6 +35,19 @@ def test_summary_gives_mean_and_sample_std_over_seeds(tmp_path, capsys):
     assert main(["summary", *runs, "--label", "P100 on"]) == 0
     row = capsys.readouterr().out.splitlines()[-1]
     assert row.startswith("| P100 on | 3 | 2.00 ± 1.00 | 10.00 ± 2.00 |")
+
+
+def test_summary_shows_the_adversary_floor_and_a_dash_for_runs_from_before_it(tmp_path, capsys):
+    runs = [_finished_run(tmp_path / f"s{i}", 0.98, 0.12, floor=floor)
+            for i, floor in enumerate([0.1135, 0.1145])]
+    assert main(["summary", *runs, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["adversary floor %"]["mean"] == pytest.approx(11.40)
+
+    older = _finished_run(tmp_path / "older", 0.98, 0.12)
+    assert main(["summary", *runs, older, "--label", "mixed"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith("| mixed | 3 | 2.00 ± 0.00 | 12.00 ± 0.00 | – | 50.00 ± 0.00 |")
 
 
 def test_summary_names_an_unfinished_run_and_missing_test_metrics(tmp_path, caplog):

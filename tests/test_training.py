@@ -5,7 +5,8 @@ import torch
 
 from daae import checkpoint
 from daae.data import load_data
-from daae.evaluate import cluster_accuracy
+from daae.evaluate import cluster_accuracy, evaluate
+from daae.runs import build_networks
 from daae.train import LossTracker, NonFiniteLossError, train
 
 from conftest import tiny_config
@@ -134,6 +135,25 @@ def test_logged_means_span_a_term_starting_mid_window_and_the_first_bad_step_is_
     tracker.add(5, losses(reconstruction=float("nan"), supervised=float("nan"), vat=1.0))
     with pytest.raises(NonFiniteLossError, match="the supervised loss became non-finite at step 3"):
         tracker.check()
+
+
+@pytest.mark.parametrize("adversary_answer, adversary_accuracy", [(7, 1.0), (2, 0.0)])
+def test_adversary_floor_is_the_share_of_the_commonest_predicted_class(
+        tmp_path, adversary_answer, adversary_accuracy):
+    """q(y|x) answers 7 for every image, whatever its label: an adversary that
+    ignores z and answers 7 is always right, so the floor is 100 %."""
+    config = tiny_config(tmp_path)
+    data = load_data(config.data, config.seed)
+    nets = build_networks(config, data.image_shape, data.num_classes)
+    with torch.no_grad():
+        for head, answer in ((nets.encoder.y_head, 7), (nets.correlation.net[-1], adversary_answer)):
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[answer] = 1.0
+    metrics = evaluate(nets, data.validation, data.labelled, config.eval, data.num_classes, "cpu")
+    assert metrics["adversary_floor"] == 1.0
+    assert metrics["adversary_accuracy"] == adversary_accuracy
+    assert metrics["accuracy"] < 0.5  # the labels are not all 7
 
 
 def test_cluster_accuracy_names_each_cluster_after_its_best_matching_label():

@@ -27,12 +27,12 @@ TRIALS_CSV, TRIALS_MD = "trials.csv", "trials.md"
 ARMS_CSV, ARMS_MD = "arms.csv", "arms.md"
 BEST_CONFIG = "best_config.yaml"
 METRIC_COLUMNS = ("score", "meets_target", "target_distance", "accuracy", "adversary_accuracy",
-                  "probe_accuracy", "linear_probe_accuracy", "labelled_accuracy", "recon_mse",
-                  "z_mean", "z_std", "y_marginal_entropy", "step")
-ARM_METRICS = ("accuracy", "adversary_accuracy", "probe_accuracy", "linear_probe_accuracy",
-               "recon_mse")
-PERCENT = ("accuracy", "adversary_accuracy", "probe_accuracy", "linear_probe_accuracy",
-           "labelled_accuracy")
+                  "adversary_floor", "probe_accuracy", "linear_probe_accuracy",
+                  "labelled_accuracy", "recon_mse", "z_mean", "z_std", "y_marginal_entropy", "step")
+ARM_METRICS = ("accuracy", "adversary_accuracy", "adversary_floor", "probe_accuracy",
+               "linear_probe_accuracy", "recon_mse")
+PERCENT = ("accuracy", "adversary_accuracy", "adversary_floor", "probe_accuracy",
+           "linear_probe_accuracy", "labelled_accuracy")
 
 
 def collect(spec: SearchSpec, grid) -> list[dict]:
