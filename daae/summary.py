@@ -17,8 +17,8 @@ from typing import Callable
 from .config import ConfigError
 from .runs import METRICS_FILE
 
-# Metrics that runs written before they existed lack: their column reads "–".
-OPTIONAL = {"adversary_floor"}
+# Metrics that runs written before they existed lack (or hold as null): their column reads "–".
+OPTIONAL = {"adversary_floor", "run_train_seconds"}
 # (column, split, metric, scale, decimals); scale "error" reports 100 - 100 * accuracy;
 # decimals None: whole numbers when every value is one, else one decimal.
 COLUMNS = (
@@ -31,6 +31,8 @@ COLUMNS = (
     ("validation accuracy %", "validation", "accuracy", 100.0, 2),
     ("epochs", None, "epoch", 1.0, None),
     ("training s", None, "train_seconds", 1.0, 0),
+    # the run's whole training time across the stretches it was resumed through
+    ("run training s", None, "run_train_seconds", 1.0, 0),
 )
 
 
@@ -72,7 +74,8 @@ def summarize(run_dirs) -> dict:
     rows = [(Path(d), _read_metrics(Path(d))) for d in run_dirs]
     summary = {"runs": len(rows)}
     for column, split, name, scale, _ in COLUMNS:
-        if name in OPTIONAL and any(name not in (m.get(split) or {}) for _, m in rows):
+        if name in OPTIONAL and any((m if split is None else m.get(split) or {}).get(name) is None
+                                    for _, m in rows):
             summary[column] = {"mean": None, "std": None, "values": []}
             continue
         values = [_value(m, split, name, scale, d / METRICS_FILE) for d, m in rows]

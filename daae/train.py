@@ -136,15 +136,18 @@ def _average_buffers(accelerator: Accelerator, nets) -> None:
             buffer /= accelerator.num_processes
 
 
-def _checkpoint_state(config, nets, optimizers, step, generator_states) -> dict:
+def _checkpoint_state(config, nets, optimizers, step, generator_states, run_seconds) -> dict:
     rng = {"generators": generator_states, "torch": torch.get_rng_state()}
     return {"format": checkpoint.FORMAT_VERSION, "config": to_dict(config), "step": step,
+            "train_seconds": run_seconds,
             "networks": nets.state_dict(),
             "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
             "rng": rng}
 
 
-def _restore(state: dict, nets, optimizers, generator, accelerator, path) -> int:
+def _restore(state: dict, nets, optimizers, generator, accelerator, path) -> tuple[int, float | None]:
+    """The step to go on from and the run's training seconds up to it (None
+    from a checkpoint written before daae recorded them)."""
     missing = set(optimizers) ^ set(state["optimizers"])
     if missing:
         raise checkpoint.CheckpointError(
@@ -166,7 +169,7 @@ def _restore(state: dict, nets, optimizers, generator, accelerator, path) -> int
         log.warning("checkpoint has %d random streams for %d processes; reseeding",
                     len(states), accelerator.num_processes)
     torch.set_rng_state(state["rng"]["torch"])
-    return int(state["step"])
+    return int(state["step"]), state.get("train_seconds")
 
 
 # --------------------------------------------------------------------------- train
@@ -191,10 +194,13 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     nets, optimizers, generator, batches = setup.nets, setup.optimizers, setup.generator, setup.batches
     iteration = make_iteration(setup, config)
 
-    step = 0
+    # Training seconds of the stretches this run resumed through, each up to
+    # its last checkpoint (steps after it are trained again, and timed again).
+    step, earlier_seconds = 0, 0.0
     ckpt_path = checkpoint.checkpoint_path(run_dir)
     if resume is not None:
-        step = _restore(checkpoint.load(ckpt_path), nets, optimizers, generator, accelerator, ckpt_path)
+        step, earlier_seconds = _restore(checkpoint.load(ckpt_path), nets, optimizers, generator,
+                                         accelerator, ckpt_path)
         log.info("resumed %s at step %d", run_dir, step)
     total_steps = planned_steps(config, batches.steps_per_epoch)
 
@@ -208,12 +214,15 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     tracker = LossTracker(device)
     images_per_step = 2 * config.train.batch_size * accelerator.num_processes
 
-    def save_checkpoint():
+    def save_checkpoint(seconds: float | None = None):
         tracker.check()
         _average_buffers(accelerator, nets)
         states = _gather_generator_states(accelerator, generator)
         if main:
-            checkpoint.save_atomic(_checkpoint_state(config, nets, optimizers, step, states), ckpt_path)
+            seconds = training_seconds() if seconds is None else seconds
+            run_seconds = None if earlier_seconds is None else earlier_seconds + seconds
+            checkpoint.save_atomic(_checkpoint_state(config, nets, optimizers, step, states,
+                                                     run_seconds), ckpt_path)
             if hooks.on_checkpoint:
                 hooks.on_checkpoint(step, ckpt_path)
         accelerator.wait_for_everyone()
@@ -290,9 +299,10 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
         progress.close()
 
     train_seconds = training_seconds()
-    save_checkpoint()
+    save_checkpoint(train_seconds)
     result = {"step": step, "epoch": step / batches.steps_per_epoch, "run_dir": str(run_dir),
               "train_seconds": train_seconds,
+              "run_train_seconds": None if earlier_seconds is None else earlier_seconds + train_seconds,
               "images_per_second": steps_timed * images_per_step / train_seconds}
     if main:
         probe_train = data.train_images()

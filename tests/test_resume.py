@@ -43,3 +43,23 @@ def test_a_new_run_never_overwrites_an_existing_one(tmp_path):
     train(tiny_config(tmp_path, "run.name=r", "train.max_steps=2", "eval.final_test=false"))
     with pytest.raises(ConfigError, match="--resume"):
         train(tiny_config(tmp_path, "run.name=r", "train.max_steps=2"))
+
+
+def test_a_resumed_run_reports_its_training_time_over_every_stretch(tmp_path):
+    common = ("eval.final_test=false", "eval.probe_epochs=1", "run.checkpoint_every=10")
+    first = train(tiny_config(tmp_path, "run.name=r", "train.max_steps=20", *common))
+    assert first["run_train_seconds"] == first["train_seconds"]
+    at_20 = checkpoint.load(tmp_path / "r")["train_seconds"]
+    assert at_20 == first["train_seconds"]
+    second = train(tiny_config(tmp_path, "run.name=r", "train.max_steps=40", *common),
+                   resume=tmp_path / "r")
+    assert second["run_train_seconds"] == at_20 + second["train_seconds"]
+
+    # From a checkpoint written before daae recorded the time, the run's total
+    # is unknown: reported as null (a dash in `daae summary`), not understated.
+    state = checkpoint.load(tmp_path / "r")
+    del state["train_seconds"]
+    checkpoint.save_atomic(state, checkpoint.checkpoint_path(tmp_path / "r"))
+    third = train(tiny_config(tmp_path, "run.name=r", "train.max_steps=50", *common),
+                  resume=tmp_path / "r")
+    assert third["run_train_seconds"] is None and third["train_seconds"] > 0
