@@ -214,12 +214,12 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     tracker = LossTracker(device)
     images_per_step = 2 * config.train.batch_size * accelerator.num_processes
 
-    def save_checkpoint(seconds: float | None = None):
+    def save_checkpoint(seconds: float):
+        """``seconds``: this process's training time up to the step saved."""
         tracker.check()
         _average_buffers(accelerator, nets)
         states = _gather_generator_states(accelerator, generator)
         if main:
-            seconds = training_seconds() if seconds is None else seconds
             run_seconds = None if earlier_seconds is None else earlier_seconds + seconds
             checkpoint.save_atomic(_checkpoint_state(config, nets, optimizers, step, states,
                                                      run_seconds), ckpt_path)
@@ -286,10 +286,11 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
                     progress.set_postfix({k: f"{v:.3f}" for k, v in means.items()
                                           if k in ("reconstruction", "supervised", "correlation")})
             paused = time.perf_counter()
+            trained_seconds = paused - loop_started - excluded_seconds
             if step % config.run.eval_every == 0 and step < total_steps:
                 periodic_evaluation()
             if step % config.run.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint()
+                save_checkpoint(trained_seconds)
             excluded_seconds += time.perf_counter() - paused
     except NonFiniteLossError as exc:
         last = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"

@@ -63,3 +63,25 @@ def test_a_resumed_run_reports_its_training_time_over_every_stretch(tmp_path):
     third = train(tiny_config(tmp_path, "run.name=r", "train.max_steps=50", *common),
                   resume=tmp_path / "r")
     assert third["run_train_seconds"] is None and third["train_seconds"] > 0
+
+
+def test_a_checkpoints_training_time_leaves_out_the_evaluation_before_it(tmp_path):
+    import time
+
+    from daae.train import Hooks
+
+    recorded = {}
+
+    def slow_evaluation(step, metrics):
+        if step == 10:
+            time.sleep(2.0)
+
+    def read_checkpoint(step, path):
+        recorded[step] = checkpoint.load(path)["train_seconds"]
+
+    result = train(tiny_config(tmp_path, "run.name=r", "train.max_steps=20", "run.eval_every=10",
+                               "run.checkpoint_every=10", "eval.final_test=false",
+                               "eval.probe_epochs=1"),
+                   hooks=Hooks(on_evaluation=slow_evaluation, on_checkpoint=read_checkpoint))
+    # Step 10's evaluation slept 2 s right before its checkpoint; neither counts.
+    assert 0 < recorded[10] < recorded[20] == result["train_seconds"] < 2.0
