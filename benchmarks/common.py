@@ -15,16 +15,29 @@ import torch
 RESULTS = Path(os.environ.get("DAAE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's entries of /proc/cpuinfo (empty where there is none)."""
+    entries = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            if not line.strip():
                 break
+            key, _, value = line.partition(":")
+            entries[key.strip()] = value.strip()
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return entries
+
+
+def machine(device: torch.device) -> dict:
+    cpuinfo = _cpuinfo()
+    # A VM names its CPU vaguely ("AMD EPYC"); family and model tell the
+    # generations apart, and the vector unit PyTorch's CPU kernels use decides
+    # their speed (and their rounding): sessions here have had AVX2 and AVX-512.
+    info = {"cpu": cpuinfo.get("model name") or platform.processor() or platform.machine(),
+            "cpu_family_model": f"{cpuinfo.get('cpu family', '?')}/{cpuinfo.get('model', '?')}",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
