@@ -57,8 +57,11 @@ def _read_metrics(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _value(metrics: dict, split, name, scale, path) -> float:
+def _value(metrics: dict, split, name, scale, path) -> float | None:
+    """The column's value of one run; None for an OPTIONAL metric it lacks."""
     source = metrics if split is None else metrics.get(split)
+    if name in OPTIONAL and (source is None or source.get(name) is None):
+        return None
     if source is None or name not in source:
         where = f"{split}/{name}" if split else name
         fix = " (the run had eval.final_test=false)" if split == "test" else ""
@@ -74,11 +77,10 @@ def summarize(run_dirs) -> dict:
     rows = [(Path(d), _read_metrics(Path(d))) for d in run_dirs]
     summary = {"runs": len(rows)}
     for column, split, name, scale, _ in COLUMNS:
-        if name in OPTIONAL and any((m if split is None else m.get(split) or {}).get(name) is None
-                                    for _, m in rows):
+        values = [_value(m, split, name, scale, d / METRICS_FILE) for d, m in rows]
+        if None in values:
             summary[column] = {"mean": None, "std": None, "values": []}
             continue
-        values = [_value(m, split, name, scale, d / METRICS_FILE) for d, m in rows]
         mean, std = mean_std(values)
         summary[column] = {"mean": mean, "std": std, "values": values}
     return summary

@@ -214,15 +214,18 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     tracker = LossTracker(device)
     images_per_step = 2 * config.train.batch_size * accelerator.num_processes
 
+    def run_seconds(seconds: float) -> float | None:
+        """The whole run's training time, given this process's ``seconds``."""
+        return None if earlier_seconds is None else earlier_seconds + seconds
+
     def save_checkpoint(seconds: float):
         """``seconds``: this process's training time up to the step saved."""
         tracker.check()
         _average_buffers(accelerator, nets)
         states = _gather_generator_states(accelerator, generator)
         if main:
-            run_seconds = None if earlier_seconds is None else earlier_seconds + seconds
             checkpoint.save_atomic(_checkpoint_state(config, nets, optimizers, step, states,
-                                                     run_seconds), ckpt_path)
+                                                     run_seconds(seconds)), ckpt_path)
             if hooks.on_checkpoint:
                 hooks.on_checkpoint(step, ckpt_path)
         accelerator.wait_for_everyone()
@@ -285,8 +288,8 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
                                       steps_timed * images_per_step / training_seconds(), step)
                     progress.set_postfix({k: f"{v:.3f}" for k, v in means.items()
                                           if k in ("reconstruction", "supervised", "correlation")})
+            trained_seconds = training_seconds()
             paused = time.perf_counter()
-            trained_seconds = paused - loop_started - excluded_seconds
             if step % config.run.eval_every == 0 and step < total_steps:
                 periodic_evaluation()
             if step % config.run.checkpoint_every == 0 and step < total_steps:
@@ -303,7 +306,7 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     save_checkpoint(train_seconds)
     result = {"step": step, "epoch": step / batches.steps_per_epoch, "run_dir": str(run_dir),
               "train_seconds": train_seconds,
-              "run_train_seconds": None if earlier_seconds is None else earlier_seconds + train_seconds,
+              "run_train_seconds": run_seconds(train_seconds),
               "images_per_second": steps_timed * images_per_step / train_seconds}
     if main:
         probe_train = data.train_images()
