@@ -145,12 +145,22 @@ class LossConfig:
 class EvalConfig:
     # Post-hoc probes on frozen z (DESIGN.md section 4).
     probe_hidden: int = 1000
-    probe_epochs: int = 10
-    probe_train_size: int = 20000
+    # The most epochs: a probe stops once its loss on probe_holdout of its
+    # training codes has not fallen for probe_patience epochs (0: never stops
+    # early), and keeps its best epoch. Fewer epochs or codes under-read the
+    # class (docs/results.md, *How long to train the probe*).
+    probe_epochs: int = 50
+    probe_patience: int = 3
+    probe_holdout: float = 0.1
+    probe_train_size: int = 50000
     probe_batch_size: int = 256
     probe_lr: float = 1e-3
     # Run the (slower) probes at every periodic evaluation, not only at the end.
     probes_during_training: bool = False
+    # Their most epochs there: those probes draw curves and feed Tune's
+    # schedulers, and stay cheap; the final evaluation and `daae eval` use
+    # probe_epochs.
+    probe_epochs_during_training: int = 3
     # Report test metrics in metrics.json at the end (never used for selection).
     final_test: bool = True
     batch_size: int = 1000
@@ -285,8 +295,14 @@ def validate(config: Config) -> None:
              f"must be positive (the perturbation's L2 norm per image), got {loss.vat_epsilon}")
     _require(loss.decorrelation_start_epoch >= 0, "loss.decorrelation_start_epoch", "must be 0 or more")
     _require(loss.vat_start_epoch >= 0, "loss.vat_start_epoch", "must be 0 or more")
-    for name in ("probe_hidden", "probe_epochs", "probe_train_size", "probe_batch_size", "batch_size"):
+    for name in ("probe_hidden", "probe_epochs", "probe_epochs_during_training", "probe_train_size",
+                 "probe_batch_size", "batch_size"):
         _require(getattr(config.eval, name) >= 1, f"eval.{name}", "must be at least 1")
     _require(config.eval.probe_lr > 0, "eval.probe_lr", "must be positive")
+    _require(config.eval.probe_patience >= 0, "eval.probe_patience", "must be 0 (never stop early) or more")
+    _require(0 <= config.eval.probe_holdout < 1, "eval.probe_holdout",
+             f"must be a share in [0, 1), got {config.eval.probe_holdout}")
+    _require(config.eval.probe_patience == 0 or config.eval.probe_holdout > 0, "eval.probe_patience",
+             "stops on the held-out loss, so it needs eval.probe_holdout above 0 (or set it to 0)")
     for name in ("log_every", "eval_every", "checkpoint_every"):
         _require(getattr(config.run, name) >= 1, f"run.{name}", "must be at least 1")

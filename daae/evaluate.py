@@ -61,18 +61,48 @@ def cluster_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classe
 
 def train_probe(probe: nn.Module, z: torch.Tensor, labels: torch.Tensor, config: EvalConfig,
                 seed: int) -> nn.Module:
-    """Fit a fresh classifier on frozen codes, z standardised by its training statistics."""
+    """Fit a fresh classifier on frozen codes (already standardised).
+
+    A probe stopped after a fixed few epochs under-reads the class: it is the
+    figure that counts, so it trains until its loss on a held-out share of its
+    own training codes stops falling (``eval.probe_patience`` epochs) and keeps
+    its best epoch, at most ``eval.probe_epochs``. The loss, not the accuracy:
+    held-out accuracy moves in steps smaller than its noise while the probe is
+    still learning, and stopped it too soon. The split the probe is scored on
+    plays no part in that choice.
+    """
     generator = torch.Generator(device=z.device).manual_seed(seed)
+    held_out = int(len(z) * config.probe_holdout)
+    # Without a held-out share the random draws are those of the fixed-epoch
+    # probe that daae had before, so its earlier figures repeat exactly.
+    order = (torch.randperm(len(z), generator=generator, device=z.device) if held_out
+             else torch.arange(len(z), device=z.device))
+    fit, held = order[held_out:], order[:held_out]
     optimizer = torch.optim.Adam(probe.parameters(), lr=config.probe_lr)
-    probe.train()
+    best_loss, best_state, epochs_since_best = math.inf, None, 0
     for _ in range(config.probe_epochs):
-        order = torch.randperm(len(z), generator=generator, device=z.device)
-        for start in range(0, len(z), config.probe_batch_size):
-            index = order[start:start + config.probe_batch_size]
+        probe.train()
+        shuffled = fit[torch.randperm(len(fit), generator=generator, device=z.device)]
+        for start in range(0, len(shuffled), config.probe_batch_size):
+            index = shuffled[start:start + config.probe_batch_size]
             loss = F.cross_entropy(probe(z[index]), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if held_out == 0:
+            continue
+        probe.eval()
+        with torch.no_grad():
+            held_loss = float(F.cross_entropy(probe(z[held]), labels[held]))
+        if held_loss < best_loss:
+            best_loss, epochs_since_best = held_loss, 0
+            best_state = {k: v.detach().clone() for k, v in probe.state_dict().items()}
+        else:
+            epochs_since_best += 1
+            if config.probe_patience and epochs_since_best >= config.probe_patience:
+                break
+    if best_state is not None:
+        probe.load_state_dict(best_state)
     probe.eval()
     return probe
 

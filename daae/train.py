@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -235,7 +235,8 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
         _average_buffers(accelerator, nets)
         if main:
             probe_train = data.train_images() if config.eval.probes_during_training else None
-            metrics = evaluate(nets, data.validation, data.labelled, config.eval, data.num_classes,
+            periodic = replace(config.eval, probe_epochs=config.eval.probe_epochs_during_training)
+            metrics = evaluate(nets, data.validation, data.labelled, periodic, data.num_classes,
                                device, probe_train, config.seed)
             for tag, value in tensorboard_tags("val", metrics).items():
                 writer.add_scalar(tag, value, step)

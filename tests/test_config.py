@@ -49,6 +49,8 @@ def test_saved_config_round_trips(tmp_path):
     ("loss.vat=-1", "loss.vat"),
     ("loss.vat_epsilon=0", "loss.vat_epsilon"),
     ("loss.vat_start_epoch=-1", "loss.vat_start_epoch"),
+    ("eval.probe_holdout=1", "eval.probe_holdout"),
+    ("eval.probe_patience=-1", "eval.probe_patience"),
 ])
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
@@ -59,6 +61,12 @@ def test_consistency_without_shifts_or_noise_is_an_error_that_says_what_to_set()
     with pytest.raises(ConfigError, match=r"loss\.consistency.*data\.max_shift or model\.input_noise"):
         load_config(CONFIGS[0], ["loss.consistency=1", "data.max_shift=0", "model.input_noise=0"])
     load_config(CONFIGS[0], ["loss.consistency=1", "data.max_shift=0", "model.input_noise=0.1"])
+
+
+def test_probe_patience_without_a_held_out_share_says_what_to_set():
+    with pytest.raises(ConfigError, match=r"eval\.probe_patience.*eval\.probe_holdout"):
+        load_config(CONFIGS[0], ["eval.probe_holdout=0"])
+    load_config(CONFIGS[0], ["eval.probe_holdout=0", "eval.probe_patience=0"])
 
 
 def test_bad_override_form_and_missing_file(tmp_path):

@@ -185,3 +185,20 @@ def test_a_training_iteration_never_searches_the_import_path(tmp_path, monkeypat
     for step in (1, 2):
         training_iteration(setup.ctx, setup.optimizers, setup.batches, 1, step, config)
     assert searches == []
+
+
+def test_periodic_probes_stay_short_and_the_final_probe_trains_its_full_length(tmp_path, monkeypatch):
+    import daae.evaluate
+
+    budgets, train_probe = [], daae.evaluate.train_probe
+
+    def recording(probe, z, labels, config, seed):
+        budgets.append(config.probe_epochs)
+        return train_probe(probe, z, labels, config, seed)
+
+    monkeypatch.setattr(daae.evaluate, "train_probe", recording)
+    train(tiny_config(tmp_path, "train.max_steps=20", "run.eval_every=10", "eval.final_test=false",
+                      "eval.probes_during_training=true", "eval.probe_epochs_during_training=1",
+                      "eval.probe_epochs=4"))
+    # An MLP and a linear probe at step 10, then at the end.
+    assert budgets == [1, 1, 4, 4]
