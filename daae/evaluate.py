@@ -107,6 +107,37 @@ def train_probe(probe: nn.Module, z: torch.Tensor, labels: torch.Tensor, config:
     return probe
 
 
+@dataclass
+class Probes:
+    """Fresh classifiers fitted on frozen codes of training images, and the
+    statistics that standardised those codes. The fit does not depend on the
+    split scored, so one fit serves every split."""
+    mean: torch.Tensor
+    std: torch.Tensor
+    classifiers: dict[str, nn.Module]
+
+    @torch.no_grad()
+    def accuracies(self, z: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+        z = (z - self.mean) / self.std
+        return {name: _accuracy(probe(z), labels, num_classes) for name, probe in self.classifiers.items()}
+
+
+def fit_probes_on_codes(train_z: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
+                        config: EvalConfig, seed: int) -> Probes:
+    """An MLP like C and a linear classifier, fitted on ``train_z`` standardised."""
+    mean, std = train_z.mean(0), train_z.std(0).clamp_min(1e-6)
+    train_z = (train_z - mean) / std
+    z_dim = train_z.shape[1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probes = {"probe_accuracy": Critic(z_dim, num_classes, config.probe_hidden),
+                  "linear_probe_accuracy": nn.Linear(z_dim, num_classes)}
+    with torch.enable_grad():
+        classifiers = {name: train_probe(probe.to(train_z.device), train_z, train_labels, config, seed)
+                       for name, probe in probes.items()}
+    return Probes(mean, std, classifiers)
+
+
 def probe_accuracies(train_z: torch.Tensor, train_labels: torch.Tensor, eval_z: torch.Tensor,
                      eval_labels: torch.Tensor, num_classes: int, config: EvalConfig,
                      seed: int) -> dict[str, float]:
@@ -116,26 +147,24 @@ def probe_accuracies(train_z: torch.Tensor, train_labels: torch.Tensor, eval_z: 
     C has not learned to read (Elazar & Goldberg, 2018); a probe trained from
     scratch after training is the honest measure.
     """
-    mean, std = train_z.mean(0), train_z.std(0).clamp_min(1e-6)
-    train_z, eval_z = (train_z - mean) / std, (eval_z - mean) / std
-    z_dim = train_z.shape[1]
-    results = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        probes = {"probe_accuracy": Critic(z_dim, num_classes, config.probe_hidden),
-                  "linear_probe_accuracy": nn.Linear(z_dim, num_classes)}
-    for name, probe in probes.items():
-        probe = train_probe(probe.to(train_z.device), train_z, train_labels, config, seed)
-        with torch.no_grad():
-            results[name] = _accuracy(probe(eval_z), eval_labels, num_classes)
-    return results
+    return fit_probes_on_codes(train_z, train_labels, num_classes, config, seed).accuracies(
+        eval_z, eval_labels, num_classes)
+
+
+def fit_probes(nets: Networks, probe_train: ImageSet, config: EvalConfig, num_classes: int,
+               device, seed: int) -> Probes:
+    """The post-hoc probes on the codes of ``config.probe_train_size`` images of
+    ``probe_train``, drawn with ``seed``."""
+    subset = probe_train.subset(torch.randperm(
+        len(probe_train), generator=torch.Generator().manual_seed(seed))[:config.probe_train_size])
+    train_z = encode(nets, subset.images, config.batch_size, device).z
+    return fit_probes_on_codes(train_z, subset.labels.to(device), num_classes, config, seed)
 
 
 @torch.no_grad()
 def evaluate(nets: Networks, split: ImageSet, labelled: ImageSet, config: EvalConfig,
-             num_classes: int, device, probe_train: ImageSet | None = None,
-             seed: int = 0) -> dict[str, float]:
-    """Metrics on ``split``; with ``probe_train`` also the post-hoc probes."""
+             num_classes: int, device, probes: Probes | None = None) -> dict[str, float]:
+    """Metrics on ``split``; with ``probes`` (``fit_probes``) also the post-hoc probes."""
     encoded = encode(nets, split.images, config.batch_size, device)
     labels = split.labels.to(device)
     was_training = nets.training
@@ -161,13 +190,8 @@ def evaluate(nets: Networks, split: ImageSet, labelled: ImageSet, config: EvalCo
     }
     labelled_logits = encode(nets, labelled.images, config.batch_size, device).logits_y
     metrics["labelled_accuracy"] = _accuracy(labelled_logits, labelled.labels.to(device), num_classes)
-    if probe_train is not None:
-        subset = probe_train.subset(torch.randperm(
-            len(probe_train), generator=torch.Generator().manual_seed(seed))[:config.probe_train_size])
-        train_z = encode(nets, subset.images, config.batch_size, device).z
-        with torch.enable_grad():
-            metrics.update(probe_accuracies(train_z, subset.labels.to(device), encoded.z, labels,
-                                            num_classes, config, seed))
+    if probes is not None:
+        metrics.update(probes.accuracies(encoded.z, labels, num_classes))
     return metrics
 
 
@@ -199,8 +223,9 @@ def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device
     run = load_trained_run(run_dir, device, overrides)
     data = run.data
     target = data.test if split == "test" else data.validation
-    metrics = evaluate(run.nets, target, data.labelled, run.config.eval, data.num_classes, device,
-                       data.train_images(), run.config.seed)
+    probes = fit_probes(run.nets, data.train_images(), run.config.eval, data.num_classes, device,
+                        run.config.seed)
+    metrics = evaluate(run.nets, target, data.labelled, run.config.eval, data.num_classes, device, probes)
     flat = {f"{split}_accuracy" if key == "accuracy" else key: value for key, value in metrics.items()}
     if generation:
         flat.update(generation_consistency(run.nets, data, run.config, device))

@@ -14,7 +14,7 @@ from accelerate.utils import broadcast_object_list
 from . import checkpoint
 from .config import Config, ConfigError, save_config, to_dict
 from .data import load_data, to_float
-from .evaluate import evaluate, tensorboard_tags
+from .evaluate import evaluate, fit_probes, tensorboard_tags
 from .graphed import make_iteration
 from .grids import reconstruction_grid, save_png
 from .optimizers import lr_factor, restore_optimizer, set_learning_rates
@@ -234,10 +234,11 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
         tracker.check()
         _average_buffers(accelerator, nets)
         if main:
-            probe_train = data.train_images() if config.eval.probes_during_training else None
             periodic = replace(config.eval, probe_epochs=config.eval.probe_epochs_during_training)
+            probes = (fit_probes(nets, data.train_images(), periodic, data.num_classes, device, config.seed)
+                      if config.eval.probes_during_training else None)
             metrics = evaluate(nets, data.validation, data.labelled, periodic, data.num_classes,
-                               device, probe_train, config.seed)
+                               device, probes)
             for tag, value in tensorboard_tags("val", metrics).items():
                 writer.add_scalar(tag, value, step)
             grid = reconstruction_grid(nets, grid_images)
@@ -310,12 +311,14 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
               "run_train_seconds": run_seconds(train_seconds),
               "images_per_second": steps_timed * images_per_step / train_seconds}
     if main:
-        probe_train = data.train_images()
+        # One fit scored on both splits: it would be the same fit each time.
+        probes = fit_probes(nets, data.train_images(), config.eval, data.num_classes, device,
+                            config.seed)
         result["validation"] = evaluate(nets, data.validation, data.labelled, config.eval,
-                                        data.num_classes, device, probe_train, config.seed)
+                                        data.num_classes, device, probes)
         if config.eval.final_test:
             result["test"] = evaluate(nets, data.test, data.labelled, config.eval,
-                                      data.num_classes, device, probe_train, config.seed)
+                                      data.num_classes, device, probes)
         for split_name, short in (("validation", "val"), ("test", "test")):
             for tag, value in tensorboard_tags(short, result.get(split_name, {})).items():
                 writer.add_scalar(tag, value, step)
