@@ -110,8 +110,10 @@ class LossConfig:
     # (shifted, noisy), as the reference does; clean: the unaltered unlabelled
     # images, which is what the probes and every user of z see. Shifts and
     # noise move z off the clean images' codes, and a z decorrelated only
-    # there can still carry the class on clean images.
-    correlation_input: str = "training"  # training | clean
+    # there can still carry the class on clean images; both: the two sets of
+    # codes as one batch, since one decorrelated only on clean images still
+    # carries the class on the shifted ones it is trained on.
+    correlation_input: str = "training"  # training | clean | both
     # Consistency (not in the paper; the Pi-model's and UDA's term): pull q(y|x)
     # of each shifted, noisy unlabelled image toward q(y|x) of the same image
     # unaltered, a target held fixed, by KL(q_clean || q_training). Through a
@@ -195,7 +197,7 @@ CHOICES = {
     "train.compile": ("no", "default", "reduce-overhead", "max-autotune"),
     "loss.decorrelation_objective": ("maximize_ce", "uniform"),
     "loss.correlation_target": ("soft", "hard"),
-    "loss.correlation_input": ("training", "clean"),
+    "loss.correlation_input": ("training", "clean", "both"),
 }
 CLASS_SIZES = {"mnist": 5421, "svhn": 4659}  # smallest class of each training set
 

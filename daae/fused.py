@@ -52,14 +52,14 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     ``x_clean``, the unlabelled images unaltered, is encoded without noise in
     the same forward (DDP allows one per backward; batch norm then normalises
     over all parts) when C and the decorrelation read its codes
-    (``weights.correlation_input`` clean) or the consistency or virtual
+    (``weights.correlation_input`` clean or both) or the consistency or virtual
     adversarial term needs its targets; None when none does. With ``weights.vat``
     the perturbed unaltered images are a fourth part of that forward.
     """
-    on_clean = weights.correlation_input == "clean"
+    correlation_input = weights.correlation_input
     decorrelate, objective = weights.decorrelation > 0, weights.decorrelation_objective
     if x_clean is None and reads_clean_images(weights):
-        raise ValueError("fused_step: loss.correlation_input=clean, loss.consistency > 0 or "
+        raise ValueError("fused_step: loss.correlation_input=clean or both, loss.consistency > 0 or "
                          "loss.vat > 0 reads the unaltered unlabelled images; pass them as x_clean")
     n, n_l = len(x_u), len(x_l)
     n_clean = 0 if x_clean is None else len(x_clean)
@@ -75,7 +75,9 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     logits_clean, z_clean = logits_all[clean_rows].float(), z_all[clean_rows].float()
     logits_perturbed = logits_all[n + n_l + n_clean:].float()
     q = logits_y.softmax(1)
-    logits_c_input, z_c_input = (logits_clean, z_clean) if on_clean else (logits_y, z)
+    logits_c_input, z_c_input = {
+        "training": (logits_y, z), "clean": (logits_clean, z_clean),
+        "both": (torch.cat([logits_y, logits_clean]), torch.cat([z, z_clean]))}[correlation_input]
     targets = correlation_targets(logits_c_input, weights.correlation_target)
 
     z_at_dz, q_at_dy, z_at_c = (code.detach().requires_grad_() for code in (z, q, z_c_input))
@@ -106,7 +108,7 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
         # maximize_ce is C's own loss negated, so its gradient is C's, reversed.
         grad_decorrelation = weights.decorrelation * (
             -z_at_c.grad / scale if objective == "maximize_ce" else grad_decorrelation)
-        if not on_clean:
+        if correlation_input == "training":
             grad_z = grad_z + grad_decorrelation
 
     with ctx.accelerator.autocast():
@@ -126,8 +128,9 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     if weights.independence > 0:
         losses["independence"] = normalised_hsic(z_c_input, class_rows(targets, ctx.num_classes))
         total = total + weights.independence * losses["independence"]
-    if decorrelate and on_clean:
-        # The clean rows feed only C: their gradient is a surrogate of its own.
+    if decorrelate and correlation_input != "training":
+        # Rows other than the training codes' alone: a surrogate of their own
+        # (through the concatenation, for both, into z and the clean codes).
         total = total + (z_c_input * grad_decorrelation).sum()
     ctx.step(autoencoder_optimizer, total)
     return {name: value.detach() for name, value in losses.items()}

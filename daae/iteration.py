@@ -40,11 +40,9 @@ def iteration_on_batch(ctx: phases.StepContext, optimizers: dict, batches: Devic
     CUDA graph can hold it (daae.graphed)."""
     x_l, y_l = batches.labelled_batch(ctx.generator)
     # The unshifted batch, before the shift below moves it.
-    clean = loss.correlation_input == "clean"
     x_clean = x_u if phases.reads_clean_images(loss) else None
     x_u = random_shift(x_u, config.data.max_shift, ctx.generator)
     x_l = random_shift(x_l, config.data.max_shift, ctx.generator)
-    x_c = x_clean if clean else x_u
     if config.train.step_mode == "fused":
         return fused.fused_step(ctx, optimizers["autoencoder"], optimizers["critics"], x_u, x_l,
                                 y_l, loss, x_clean)
@@ -64,13 +62,14 @@ def iteration_on_batch(ctx: phases.StepContext, optimizers: dict, batches: Devic
     if loss.vat > 0:
         out |= phases.virtual_adversarial_phase(ctx, optimizers["vat"], x_clean, loss.vat,
                                                 loss.vat_epsilon)
-    out |= phases.correlation_phase(ctx, optimizers["correlation"], x_c, loss.correlation_target,
-                                    clean)
+    def rows():  # fresh noise for each phase, as the reference draws it
+        return phases.correlation_rows(ctx, x_u, x_clean, loss.correlation_input)
+
+    out |= phases.correlation_phase(ctx, optimizers["correlation"], rows(), loss.correlation_target)
     if loss.decorrelation > 0:
-        out |= phases.decorrelation_phase(ctx, optimizers["decorrelation"], x_c, loss.decorrelation,
-                                          loss.decorrelation_objective, loss.correlation_target,
-                                          clean)
+        out |= phases.decorrelation_phase(ctx, optimizers["decorrelation"], rows(), loss.decorrelation,
+                                          loss.decorrelation_objective, loss.correlation_target)
     if loss.independence > 0:
-        out |= phases.independence_phase(ctx, optimizers["independence"], x_c, loss.independence,
-                                         loss.correlation_target, clean)
+        out |= phases.independence_phase(ctx, optimizers["independence"], rows(), loss.independence,
+                                         loss.correlation_target)
     return out

@@ -118,9 +118,22 @@ def decorrelation_loss(correlation_logits: torch.Tensor, targets: torch.Tensor,
 
 def reads_clean_images(weights) -> bool:
     """Whether a step encodes the unaltered unlabelled images: C and the
-    decorrelation read their codes (correlation_input clean), or the
+    decorrelation read their codes (correlation_input clean or both), or the
     consistency or virtual adversarial term takes its targets from them."""
-    return weights.correlation_input == "clean" or weights.consistency > 0 or weights.vat > 0
+    return weights.correlation_input != "training" or weights.consistency > 0 or weights.vat > 0
+
+
+def correlation_rows(ctx: StepContext, x: torch.Tensor, x_clean: torch.Tensor | None,
+                     correlation_input: str) -> torch.Tensor:
+    """The images whose codes C, the decorrelation and the independence term
+    read (``loss.correlation_input``), as the encoder takes them: the training
+    inputs ``x`` with fresh noise, the unaltered ``x_clean`` as they are, or
+    both in one batch (one forward, so batch norm sees them as the fused step does)."""
+    if correlation_input == "training":
+        return ctx.noisy(x)
+    if correlation_input == "clean":
+        return x_clean
+    return torch.cat([ctx.noisy(x), x_clean])
 
 
 def consistency_loss(logits_training: torch.Tensor, logits_clean: torch.Tensor) -> torch.Tensor:
@@ -253,11 +266,12 @@ def virtual_adversarial_phase(ctx: StepContext, optimizer, x_clean: torch.Tensor
     return {"vat": loss.detach()}
 
 
-def correlation_phase(ctx: StepContext, optimizer, x: torch.Tensor, target_kind: str,
-                      clean: bool = False):
-    """``clean``: encode ``x`` as it is, without the input noise."""
+# The z-branch phases take their encoder input as correlation_rows gives it
+# (any noise already added).
+
+def correlation_phase(ctx: StepContext, optimizer, rows: torch.Tensor, target_kind: str):
     with torch.no_grad(), ctx.accelerator.autocast():
-        logits_y, z = ctx.plain.encoder(x if clean else ctx.noisy(x))
+        logits_y, z = ctx.plain.encoder(rows)
     targets = correlation_targets(logits_y, target_kind)
     with ctx.accelerator.autocast():
         logits_c = ctx.wrapped["correlation"](z.float())
@@ -266,20 +280,20 @@ def correlation_phase(ctx: StepContext, optimizer, x: torch.Tensor, target_kind:
     return {"correlation": loss.detach()}
 
 
-def decorrelation_phase(ctx: StepContext, optimizer, x: torch.Tensor, weight: float,
-                        objective: str, target_kind: str, clean: bool = False):
+def decorrelation_phase(ctx: StepContext, optimizer, rows: torch.Tensor, weight: float,
+                        objective: str, target_kind: str):
     with frozen(ctx.plain.correlation), ctx.accelerator.autocast():
-        logits_y, z = ctx.wrapped["encoder"](x if clean else ctx.noisy(x))
+        logits_y, z = ctx.wrapped["encoder"](rows)
         logits_c = ctx.plain.correlation(z)
     loss = decorrelation_loss(logits_c, correlation_targets(logits_y, target_kind), objective)
     ctx.step(optimizer, weight * loss)
     return {"decorrelation": loss.detach()}
 
 
-def independence_phase(ctx: StepContext, optimizer, x: torch.Tensor, weight: float,
-                       target_kind: str, clean: bool = False):
+def independence_phase(ctx: StepContext, optimizer, rows: torch.Tensor, weight: float,
+                       target_kind: str):
     with ctx.accelerator.autocast():
-        logits_y, z = ctx.wrapped["encoder"](x if clean else ctx.noisy(x))
+        logits_y, z = ctx.wrapped["encoder"](rows)
     classes = class_rows(correlation_targets(logits_y, target_kind), ctx.num_classes)
     loss = normalised_hsic(z, classes)
     ctx.step(optimizer, weight * loss)

@@ -54,7 +54,7 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
     with the same random draws: one-hot prior samples, each critic called
     twice (detached codes for its own loss, live codes for the encoder's).
     With ``loss.correlation_input`` clean, C and the decorrelation read the
-    codes of ``x_clean``; the consistency and the virtual adversarial term
+    codes of ``x_clean``, with both those and the training inputs'; the consistency and the virtual adversarial term
     take their targets from them."""
     generator = torch.Generator().set_state(ctx_generator_state)
     n, n_l = len(x_u), len(x_l)
@@ -72,8 +72,9 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
     n_clean = 0 if x_clean is None else len(x_clean)
     logits_clean, z_clean = logits_all[n + n_l:n + n_l + n_clean], z_all[n + n_l:n + n_l + n_clean]
     q = logits_y.softmax(1)
-    logits_c_input, z_c_input = ((logits_y, z) if weights.correlation_input == "training"
-                                 else (logits_clean, z_clean))
+    logits_c_input, z_c_input = {
+        "training": (logits_y, z), "clean": (logits_clean, z_clean),
+        "both": (torch.cat([logits_y, logits_clean]), torch.cat([z, z_clean]))}[weights.correlation_input]
     targets = logits_c_input.softmax(1).detach()
     prior_z = torch.randn(n, ctx.z_dim, generator=generator)
     labels = torch.randint(ctx.num_classes, (n,), generator=generator)
@@ -115,7 +116,8 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
     ("maximize_ce", "clean", 0, 0, 0), ("uniform", "clean", 0, 0, 0), ("uniform", "clean", 1.7, 0, 0),
     ("maximize_ce", "training", 1.7, 0, 0), ("uniform", "clean", 1.7, 0.8, 0),
     ("maximize_ce", "training", 0, 0.8, 0), ("uniform", "clean", 1.7, 0.8, 2.3),
-    ("maximize_ce", "training", 0, 0, 2.3)])
+    ("maximize_ce", "training", 0, 0, 2.3), ("maximize_ce", "both", 0, 0, 0),
+    ("uniform", "both", 1.7, 0.8, 2.3)])
 def test_fused_step_gradients_equal_the_plainly_computed_ones(tmp_path, objective, correlation_input,
                                                               consistency, vat, independence):
     config = tiny_config(tmp_path, "train.step_mode=fused", f"loss.decorrelation_objective={objective}",
@@ -128,7 +130,7 @@ def test_fused_step_gradients_equal_the_plainly_computed_ones(tmp_path, objectiv
     x_u = data.unlabelled.images[:32].float() / 255
     x_l, y_l = data.labelled.images[:20].float() / 255, data.labelled.labels[:20]
     # Clean images other than x_u, so that reading the wrong rows shows.
-    needs_clean = correlation_input == "clean" or consistency > 0 or vat > 0
+    needs_clean = correlation_input != "training" or consistency > 0 or vat > 0
     x_clean = data.unlabelled.images[32:64].float() / 255 if needs_clean else None
     before = copy.deepcopy(setup.nets)
     state = setup.generator.get_state()
@@ -157,22 +159,26 @@ def test_fooling_gradient_stays_finite_for_a_certain_critic():
 
 
 @pytest.mark.parametrize("phase", ["decorrelation", "independence"])
-@pytest.mark.parametrize("clean", [False, True])
-def test_reference_z_branch_phases_encode_clean_images_without_noise(tmp_path, clean, phase):
+@pytest.mark.parametrize("correlation_input", ["training", "clean", "both"])
+def test_reference_z_branch_phases_encode_clean_images_without_noise(tmp_path, correlation_input,
+                                                                     phase):
     config = tiny_config(tmp_path, "loss.decorrelation=0.9", "loss.independence=2.3")
     data = load_data(config.data, config.seed)
     setup = prepare_training(config, make_accelerator("no"), data)
-    x = data.unlabelled.images[:32].float() / 255
+    x, x_clean = (data.unlabelled.images[i:i + 32].float() / 255 for i in (0, 32))
     before = copy.deepcopy(setup.nets)
     generator = torch.Generator().set_state(setup.generator.get_state())
-    encoded = x if clean else x + setup.ctx.input_noise * torch.randn(x.shape, generator=generator)
+    noisy = x + setup.ctx.input_noise * torch.randn(x.shape, generator=generator)
+    encoded = {"training": noisy, "clean": x_clean,
+               "both": torch.cat([noisy, x_clean])}[correlation_input]
 
+    rows = phases.correlation_rows(setup.ctx, x, x_clean, correlation_input)
     if phase == "decorrelation":
-        phases.decorrelation_phase(setup.ctx, setup.optimizers["decorrelation"], x, 0.9,
-                                   "maximize_ce", "soft", clean)
+        phases.decorrelation_phase(setup.ctx, setup.optimizers["decorrelation"], rows, 0.9,
+                                   "maximize_ce", "soft")
     else:
-        losses = phases.independence_phase(setup.ctx, setup.optimizers["independence"], x, 2.3,
-                                           "soft", clean)
+        losses = phases.independence_phase(setup.ctx, setup.optimizers["independence"], rows, 2.3,
+                                           "soft")
 
     logits_y, z = before.encoder(encoded)
     targets = logits_y.softmax(1).detach()

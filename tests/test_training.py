@@ -98,8 +98,9 @@ def test_correlation_lr_scale_sets_cs_rate_and_resumes_a_run_without_it(tmp_path
     ("data.labels_per_class=null", "loss.correlation_target=hard", "data.max_shift=1",
      "loss.correlation_input=clean"),
     ("data.max_shift=2", "loss.consistency=2", "loss.vat=1"),
+    ("data.max_shift=2", "loss.correlation_input=both", "loss.independence=1"),
 ], ids=["fused-shift-clean-consistency-vat", "bf16", "conv-uniform", "all-labels-hard-shift-clean",
-        "reference-consistency-vat"])
+        "reference-consistency-vat", "reference-shift-both-independence"])
 def test_variants_train_and_learn(tmp_path, overrides):
     result = train(tiny_config(tmp_path, "train.max_steps=120", "eval.final_test=false",
                                "eval.probe_epochs=1", *overrides))
