@@ -63,6 +63,14 @@ def test_consistency_without_shifts_or_noise_is_an_error_that_says_what_to_set()
     load_config(CONFIGS[0], ["loss.consistency=1", "data.max_shift=0", "model.input_noise=0.1"])
 
 
+def test_both_sets_of_codes_without_shifts_or_noise_is_an_error_that_says_what_to_set():
+    with pytest.raises(ConfigError,
+                       match=r"loss\.correlation_input.*data\.max_shift or model\.input_noise"):
+        load_config(CONFIGS[0], ["loss.correlation_input=both", "data.max_shift=0",
+                                 "model.input_noise=0"])
+    load_config(CONFIGS[0], ["loss.correlation_input=both", "data.max_shift=1", "model.input_noise=0"])
+
+
 def test_probe_patience_without_a_held_out_share_says_what_to_set():
     with pytest.raises(ConfigError, match=r"eval\.probe_patience.*eval\.probe_holdout"):
         load_config(CONFIGS[0], ["eval.probe_holdout=0"])
