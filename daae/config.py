@@ -289,14 +289,16 @@ def validate(config: Config) -> None:
                  "consistency", "vat", "independence"):
         _require(getattr(loss, name) >= 0, f"loss.{name}",
                  f"must be 0 or more (0 turns the phase off), got {getattr(loss, name)}")
-    _require(loss.consistency == 0 or data.max_shift > 0 or model.input_noise > 0,
-             "loss.consistency", "compares the training inputs with the unaltered images, which "
-             "are the same without shifts or noise: set data.max_shift or model.input_noise above "
-             "0, or loss.consistency to 0")
-    _require(loss.correlation_input != "both" or data.max_shift > 0 or model.input_noise > 0,
-             "loss.correlation_input", "both reads the training inputs' codes and the unaltered "
-             "images', which are the same without shifts or noise: set data.max_shift or "
-             "model.input_noise above 0, or loss.correlation_input to training or clean")
+    # Without shifts or noise the training inputs are the unaltered images.
+    views_differ = data.max_shift > 0 or model.input_noise > 0
+    _require(loss.consistency == 0 or views_differ, "loss.consistency",
+             "compares the training inputs with the unaltered images, which are the same without "
+             "shifts or noise: set data.max_shift or model.input_noise above 0, or "
+             "loss.consistency to 0")
+    _require(loss.correlation_input != "both" or views_differ, "loss.correlation_input",
+             "both reads the training inputs' codes and the unaltered images', which are the same "
+             "without shifts or noise: set data.max_shift or model.input_noise above 0, or "
+             "loss.correlation_input to training or clean")
     _require(loss.vat_epsilon > 0, "loss.vat_epsilon",
              f"must be positive (the perturbation's L2 norm per image), got {loss.vat_epsilon}")
     _require(loss.decorrelation_start_epoch >= 0, "loss.decorrelation_start_epoch", "must be 0 or more")

@@ -75,9 +75,12 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     logits_clean, z_clean = logits_all[clean_rows].float(), z_all[clean_rows].float()
     logits_perturbed = logits_all[n + n_l + n_clean:].float()
     q = logits_y.softmax(1)
-    logits_c_input, z_c_input = {
-        "training": (logits_y, z), "clean": (logits_clean, z_clean),
-        "both": (torch.cat([logits_y, logits_clean]), torch.cat([z, z_clean]))}[correlation_input]
+    if correlation_input == "training":
+        logits_c_input, z_c_input = logits_y, z
+    elif correlation_input == "clean":
+        logits_c_input, z_c_input = logits_clean, z_clean
+    else:
+        logits_c_input, z_c_input = torch.cat([logits_y, logits_clean]), torch.cat([z, z_clean])
     targets = correlation_targets(logits_c_input, weights.correlation_target)
 
     z_at_dz, q_at_dy, z_at_c = (code.detach().requires_grad_() for code in (z, q, z_c_input))

@@ -54,8 +54,8 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
     with the same random draws: one-hot prior samples, each critic called
     twice (detached codes for its own loss, live codes for the encoder's).
     With ``loss.correlation_input`` clean, C and the decorrelation read the
-    codes of ``x_clean``, with both those and the training inputs'; the consistency and the virtual adversarial term
-    take their targets from them."""
+    codes of ``x_clean``, with both those and the training inputs'; the
+    consistency and the virtual adversarial term take their targets from them."""
     generator = torch.Generator().set_state(ctx_generator_state)
     n, n_l = len(x_u), len(x_l)
     x = torch.cat([x_u, x_l])
