@@ -47,6 +47,12 @@ class ModelConfig:
     scale: float = 2.0
     # Width of the hidden layers of D_z, D_y and the correlation classifier C.
     adversary_hidden: int = 1000
+    # How many correlation classifiers C, each its own initialisation, learn
+    # the class from z side by side; the decorrelation and C's loss average
+    # over them. One C is one reading of z that the encoder can outrun while
+    # another still finds the class (Elazar & Goldberg 2018 tried an ensemble
+    # of adversaries to remove more of it); evaluation reports the best of them.
+    correlation_classifiers: int = 1
     input_noise: float = 0.3
 
 
@@ -262,6 +268,7 @@ def validate(config: Config) -> None:
     _require(model.z_dim >= 1, "model.z_dim", "must be at least 1")
     _require(model.scale > 0, "model.scale", "must be positive")
     _require(model.adversary_hidden >= 1, "model.adversary_hidden", "must be at least 1")
+    _require(model.correlation_classifiers >= 1, "model.correlation_classifiers", "must be at least 1")
     _require(model.input_noise >= 0, "model.input_noise", "must be 0 or more")
     _require(train.batch_size >= 2, "train.batch_size", "must be at least 2 (batch norm)")
     _require(train.epochs >= 1, "train.epochs", "must be at least 1")

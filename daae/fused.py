@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from .dependence import class_rows, normalised_hsic
-from .phases import (StepContext, consistency_loss, correlation_targets, decorrelation_loss,
-                     fooled_bce, reads_clean_images, real_fake_bce, real_fake_logits,
-                     virtual_adversarial_perturbation)
+from .phases import (StepContext, consistency_loss, correlation_loss, correlation_targets,
+                     decorrelation_loss, fooled_bce, reads_clean_images, real_fake_bce,
+                     real_fake_logits, virtual_adversarial_perturbation)
 
 
 def _fooling_gradient(critic_input_grad: torch.Tensor, fake_logits: torch.Tensor,
@@ -91,7 +91,7 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
         c_logits = ctx.wrapped["correlation"](z_at_c).float()
     loss_dz = real_fake_bce(dz_logits, torch.ones(n, device=z.device))
     loss_dy = real_fake_bce(dy_logits, counts_y)
-    loss_c = F.cross_entropy(c_logits, targets)
+    loss_c = correlation_loss(c_logits, targets)
     fake_dz, fake_dy = dz_logits[-n:].detach(), dy_logits[-n:].detach()
     losses = {"discriminator_z": loss_dz, "discriminator_y": loss_dy, "correlation": loss_c,
               "adversarial_z": fooled_bce(fake_dz[:, None]),

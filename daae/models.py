@@ -180,13 +180,29 @@ class Critic(nn.Module):
         return self.net(x)
 
 
+class CriticEnsemble(nn.Module):
+    """Critics of one shape, each its own initialisation, on the same input:
+    their outputs stacked, ``(members, batch, out_features)``."""
+
+    def __init__(self, members: int, in_features: int, out_features: int, hidden: int):
+        super().__init__()
+        self.members = nn.ModuleList(Critic(in_features, out_features, hidden) for _ in range(members))
+
+    def forward(self, x):
+        return torch.stack([member(x) for member in self.members])
+
+
 class Networks(nn.Module):
-    """All five networks under one module, for state dicts and parameter counts."""
+    """All five networks under one module, for state dicts and parameter counts.
+    ``correlation_classifiers`` above 1 makes C a CriticEnsemble; one C stays a
+    plain Critic, so the state dicts of runs from before ensembles still load."""
 
     def __init__(self, kind: str, image_shape: tuple[int, int, int], num_classes: int,
-                 z_dim: int, scale: float, adversary_hidden: int):
+                 z_dim: int, scale: float, adversary_hidden: int, correlation_classifiers: int = 1):
         super().__init__()
         self.encoder, self.decoder = build_autoencoder(kind, image_shape, num_classes, z_dim, scale)
         self.d_z = Critic(z_dim, 1, adversary_hidden)
         self.d_y = Critic(num_classes, 1, adversary_hidden)
-        self.correlation = Critic(z_dim, num_classes, adversary_hidden)
+        self.correlation = (Critic(z_dim, num_classes, adversary_hidden) if correlation_classifiers == 1
+                            else CriticEnsemble(correlation_classifiers, z_dim, num_classes,
+                                                adversary_hidden))

@@ -101,15 +101,30 @@ def correlation_targets(logits_y: torch.Tensor, kind: str) -> torch.Tensor:
     return q if kind == "soft" else q.argmax(1)
 
 
+def member_rows(correlation_logits: torch.Tensor, targets: torch.Tensor):
+    """C's logits, ``(batch, classes)``, or an ensemble's, ``(members, batch,
+    classes)``, as rows of one batch, and the targets repeated per member: a
+    mean over these rows is the mean of the members' losses."""
+    logits = correlation_logits.float()
+    members = logits.reshape(-1, *logits.shape[-2:])
+    return members.flatten(0, 1), targets.expand(len(members), *targets.shape).flatten(0, 1)
+
+
+def correlation_loss(correlation_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """C's cross-entropy against q(y|x) (or its argmax), averaged over an ensemble's members."""
+    return F.cross_entropy(*member_rows(correlation_logits, targets))
+
+
 def decorrelation_loss(correlation_logits: torch.Tensor, targets: torch.Tensor,
                        objective: str) -> torch.Tensor:
-    """Low when C cannot predict the class from z.
+    """Low when C cannot predict the class from z (every member of an
+    ensemble, on average).
 
     maximize_ce (the reference) rewards any wrong answer, which can drive C
     below chance and so still leak the class; uniform minimises
     KL(uniform || C(z)), which is zero exactly at chance.
     """
-    logits = correlation_logits.float()
+    logits, targets = member_rows(correlation_logits, targets)
     if objective == "maximize_ce":
         return -F.cross_entropy(logits, targets)
     log_probs = logits.log_softmax(1)
@@ -275,7 +290,7 @@ def correlation_phase(ctx: StepContext, optimizer, rows: torch.Tensor, target_ki
     targets = correlation_targets(logits_y, target_kind)
     with ctx.accelerator.autocast():
         logits_c = ctx.wrapped["correlation"](z.float())
-    loss = F.cross_entropy(logits_c.float(), targets)
+    loss = correlation_loss(logits_c, targets)
     ctx.step(optimizer, loss)
     return {"correlation": loss.detach()}
 

@@ -20,7 +20,7 @@ METRICS_FILE = "metrics.json"
 def build_networks(config: Config, image_shape: tuple[int, int, int], num_classes: int) -> Networks:
     model = config.model
     return Networks(model.kind, image_shape, num_classes, model.z_dim, model.scale,
-                    model.adversary_hidden)
+                    model.adversary_hidden, model.correlation_classifiers)
 
 
 def new_run_dir(config: Config) -> Path:

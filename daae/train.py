@@ -145,7 +145,16 @@ def _checkpoint_state(config, nets, optimizers, step, generator_states, run_seco
             "rng": rng}
 
 
-def _restore(state: dict, nets, optimizers, generator, accelerator, path) -> tuple[int, float | None]:
+def _changed_model_keys(state: dict, config: Config) -> str:
+    """The model.* keys whose values differ from those the checkpoint was written with."""
+    written = state.get("config", {}).get("model", {})
+    now = to_dict(config)["model"]
+    return "; ".join(f"model.{key} is {now[key]!r} here, {written[key]!r} in the checkpoint"
+                     for key in now if key in written and written[key] != now[key])
+
+
+def _restore(state: dict, config: Config, nets, optimizers, generator, accelerator,
+             path) -> tuple[int, float | None]:
     """The step to go on from and the run's training seconds up to it (None
     from a checkpoint written before daae recorded them)."""
     missing = set(optimizers) ^ set(state["optimizers"])
@@ -156,6 +165,11 @@ def _restore(state: dict, nets, optimizers, generator, accelerator, path) -> tup
     try:
         nets.load_state_dict(state["networks"])
     except RuntimeError as exc:
+        changed = _changed_model_keys(state, config)
+        if changed:
+            raise checkpoint.CheckpointError(
+                f"{path} does not fit this model: {changed}. Resume with the model the run "
+                f"started with (drop those overrides).") from None
         raise checkpoint.CheckpointError(f"{path} does not fit this model: {exc}") from None
     for name, optimizer in optimizers.items():
         try:
@@ -199,8 +213,8 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     step, earlier_seconds = 0, 0.0
     ckpt_path = checkpoint.checkpoint_path(run_dir)
     if resume is not None:
-        step, earlier_seconds = _restore(checkpoint.load(ckpt_path), nets, optimizers, generator,
-                                         accelerator, ckpt_path)
+        step, earlier_seconds = _restore(checkpoint.load(ckpt_path), config, nets, optimizers,
+                                         generator, accelerator, ckpt_path)
         log.info("resumed %s at step %d", run_dir, step)
     total_steps = planned_steps(config, batches.steps_per_epoch)
 

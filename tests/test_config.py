@@ -42,6 +42,7 @@ def test_saved_config_round_trips(tmp_path):
     ("train.lr_milestones=[50, 20]", "train.lr_milestones"),
     ("train.critic_lr_milestones=[0]", "train.critic_lr_milestones"),
     ("train.correlation_lr_scale=0", "train.correlation_lr_scale"),
+    ("model.correlation_classifiers=0", "model.correlation_classifiers"),
     ("train.mixed_precision=fp8", "train.mixed_precision"),
     ("data.max_shift=-2", "data.max_shift"),
     ("loss.correlation_input=noisy", "loss.correlation_input"),

@@ -48,6 +48,16 @@ def _written_out_hsic(z, classes):
     return hsic(kernel, labels) / (hsic(kernel, kernel) * hsic(labels, labels)).sqrt()
 
 
+def _each_classifier(correlation):
+    """C's members: an ensemble's (model.correlation_classifiers), or C alone."""
+    return list(getattr(correlation, "members", [correlation]))
+
+
+def _mean_correlation_ce(correlation, z, targets):
+    members = _each_classifier(correlation)
+    return sum(F.cross_entropy(member(z), targets) for member in members) / len(members)
+
+
 def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, objective,
                         x_clean=None):
     """Every loss written out on copies of the networks taken before the step,
@@ -84,16 +94,17 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
     real, fake = torch.ones(n), torch.zeros(n)
     critic_loss = (bce(nets.d_z(torch.cat([prior_z, z.detach()])).squeeze(1), torch.cat([real, fake]))
                    + bce(nets.d_y(torch.cat([prior_y, q.detach()])).squeeze(1), torch.cat([real, fake]))
-                   + F.cross_entropy(nets.correlation(z_c_input.detach()), targets))
+                   + _mean_correlation_ce(nets.correlation, z_c_input.detach(), targets))
     critics = [*nets.d_z.parameters(), *nets.d_y.parameters(), *nets.correlation.parameters()]
     critic_grads = torch.autograd.grad(critic_loss, critics)
 
-    c_logits = nets.correlation(z_c_input)
     if objective == "maximize_ce":
-        decorrelation = -F.cross_entropy(c_logits, targets)
+        decorrelation = -_mean_correlation_ce(nets.correlation, z_c_input, targets)
     else:
-        decorrelation = F.kl_div(c_logits.log_softmax(1), torch.full_like(c_logits, 1 / ctx.num_classes),
-                                 reduction="batchmean")
+        members = _each_classifier(nets.correlation)
+        uniform = torch.full((len(z_c_input), ctx.num_classes), 1 / ctx.num_classes)
+        decorrelation = sum(F.kl_div(member(z_c_input).log_softmax(1), uniform, reduction="batchmean")
+                            for member in members) / len(members)
     autoencoder_loss = (weights.reconstruction * F.mse_loss(nets.decoder(q, z), x_u)
                         + weights.supervised * F.cross_entropy(logits_l, y_l)
                         + weights.adversarial_z * bce(nets.d_z(z).squeeze(1), real)
@@ -111,16 +122,19 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
     return critic_grads, torch.autograd.grad(autoencoder_loss, autoencoder)
 
 
-@pytest.mark.parametrize("objective,correlation_input,consistency,vat,independence", [
-    ("maximize_ce", "training", 0, 0, 0), ("uniform", "training", 0, 0, 0),
-    ("maximize_ce", "clean", 0, 0, 0), ("uniform", "clean", 0, 0, 0), ("uniform", "clean", 1.7, 0, 0),
-    ("maximize_ce", "training", 1.7, 0, 0), ("uniform", "clean", 1.7, 0.8, 0),
-    ("maximize_ce", "training", 0, 0.8, 0), ("uniform", "clean", 1.7, 0.8, 2.3),
-    ("maximize_ce", "training", 0, 0, 2.3), ("maximize_ce", "both", 0, 0, 0),
-    ("uniform", "both", 1.7, 0.8, 2.3)])
+@pytest.mark.parametrize("objective,correlation_input,consistency,vat,independence,classifiers", [
+    ("maximize_ce", "training", 0, 0, 0, 1), ("uniform", "training", 0, 0, 0, 1),
+    ("maximize_ce", "clean", 0, 0, 0, 1), ("uniform", "clean", 0, 0, 0, 1),
+    ("uniform", "clean", 1.7, 0, 0, 1), ("maximize_ce", "training", 1.7, 0, 0, 1),
+    ("uniform", "clean", 1.7, 0.8, 0, 1), ("maximize_ce", "training", 0, 0.8, 0, 1),
+    ("uniform", "clean", 1.7, 0.8, 2.3, 1), ("maximize_ce", "training", 0, 0, 2.3, 1),
+    ("maximize_ce", "both", 0, 0, 0, 1), ("uniform", "both", 1.7, 0.8, 2.3, 1),
+    ("maximize_ce", "training", 0, 0, 0, 3), ("uniform", "both", 1.7, 0.8, 2.3, 3)])
 def test_fused_step_gradients_equal_the_plainly_computed_ones(tmp_path, objective, correlation_input,
-                                                              consistency, vat, independence):
+                                                              consistency, vat, independence,
+                                                              classifiers):
     config = tiny_config(tmp_path, "train.step_mode=fused", f"loss.decorrelation_objective={objective}",
+                         f"model.correlation_classifiers={classifiers}",
                          "loss.adversarial_z=0.7", "loss.adversarial_y=1.3", "loss.decorrelation=0.9",
                          f"loss.correlation_input={correlation_input}",
                          f"loss.consistency={consistency}", f"loss.vat={vat}", "loss.vat_epsilon=1.5",
@@ -158,11 +172,13 @@ def test_fooling_gradient_stays_finite_for_a_certain_critic():
     torch.testing.assert_close(grad[1:], expected[1:])
 
 
-@pytest.mark.parametrize("phase", ["decorrelation", "independence"])
+@pytest.mark.parametrize("phase,classifiers", [("decorrelation", 1), ("independence", 1),
+                                               ("decorrelation", 3)])
 @pytest.mark.parametrize("correlation_input", ["training", "clean", "both"])
 def test_reference_z_branch_phases_encode_clean_images_without_noise(tmp_path, correlation_input,
-                                                                     phase):
-    config = tiny_config(tmp_path, "loss.decorrelation=0.9", "loss.independence=2.3")
+                                                                     phase, classifiers):
+    config = tiny_config(tmp_path, "loss.decorrelation=0.9", "loss.independence=2.3",
+                         f"model.correlation_classifiers={classifiers}")
     data = load_data(config.data, config.seed)
     setup = prepare_training(config, make_accelerator("no"), data)
     x, x_clean = (data.unlabelled.images[i:i + 32].float() / 255 for i in (0, 32))
@@ -183,7 +199,7 @@ def test_reference_z_branch_phases_encode_clean_images_without_noise(tmp_path, c
     logits_y, z = before.encoder(encoded)
     targets = logits_y.softmax(1).detach()
     if phase == "decorrelation":
-        loss = -0.9 * F.cross_entropy(before.correlation(z), targets)
+        loss = -0.9 * _mean_correlation_ce(before.correlation, z, targets)
     else:
         hsic = _written_out_hsic(z, targets)
         torch.testing.assert_close(losses["independence"], hsic.detach())
@@ -193,6 +209,30 @@ def test_reference_z_branch_phases_encode_clean_images_without_noise(tmp_path, c
         torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
     for param in setup.nets.encoder.y_head.parameters():
         assert param.grad is None or not param.grad.any()
+
+
+def test_reference_correlation_phase_trains_each_classifier_of_an_ensemble_on_its_own_loss(tmp_path):
+    config = tiny_config(tmp_path, "model.correlation_classifiers=3")
+    data = load_data(config.data, config.seed)
+    setup = prepare_training(config, make_accelerator("no"), data)
+    rows = data.unlabelled.images[:32].float() / 255
+    members = _each_classifier(setup.nets.correlation)
+    assert len(members) == 3
+    first_layers = [member.net[0].weight for member in members]
+    assert not torch.equal(first_layers[0], first_layers[1])  # each its own initialisation
+    before = copy.deepcopy(setup.nets)
+
+    losses = phases.correlation_phase(setup.ctx, setup.optimizers["correlation"], rows, "soft")
+
+    with torch.no_grad():
+        logits_y, z = before.encoder(rows)
+    targets = logits_y.softmax(1)
+    torch.testing.assert_close(losses["correlation"], _mean_correlation_ce(before.correlation, z, targets))
+    for member, member_before in zip(members, _each_classifier(before.correlation)):
+        expected = torch.autograd.grad(F.cross_entropy(member_before(z), targets) / 3,
+                                       list(member_before.parameters()))
+        for param, grad in zip(member.parameters(), expected):
+            torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
 
 
 def test_reference_consistency_phase_pulls_training_inputs_toward_the_clean_images(tmp_path):

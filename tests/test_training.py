@@ -157,6 +157,21 @@ def test_adversary_floor_is_the_share_of_the_commonest_predicted_class(
     assert metrics["accuracy"] < 0.5  # the labels are not all 7
 
 
+def test_an_ensembles_adversary_accuracy_is_its_best_classifiers(tmp_path):
+    """q(y|x) answers 7 everywhere; of three classifiers only the second does too."""
+    config = tiny_config(tmp_path, "model.correlation_classifiers=3")
+    data = load_data(config.data, config.seed)
+    nets = build_networks(config, data.image_shape, data.num_classes)
+    heads = [nets.encoder.y_head, *(member.net[-1] for member in nets.correlation.members)]
+    with torch.no_grad():
+        for head, answer in zip(heads, (7, 2, 7, 3)):
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[answer] = 1.0
+    metrics = evaluate(nets, data.validation, data.labelled, config.eval, data.num_classes, "cpu")
+    assert metrics["adversary_accuracy"] == 1.0
+
+
 def test_cluster_accuracy_names_each_cluster_after_its_best_matching_label():
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
     renamed = (labels + 1) % 3  # perfect clusters under other names
