@@ -104,10 +104,13 @@ def correlation_targets(logits_y: torch.Tensor, kind: str) -> torch.Tensor:
 def member_rows(correlation_logits: torch.Tensor, targets: torch.Tensor):
     """C's logits, ``(batch, classes)``, or an ensemble's, ``(members, batch,
     classes)``, as rows of one batch, and the targets repeated per member: a
-    mean over these rows is the mean of the members' losses."""
+    mean over these rows is the mean of the members' losses. One C's pass as
+    they are: no view operators added to every step (the GPU step is bound by
+    its operator count) for the ensemble's sake."""
     logits = correlation_logits.float()
-    members = logits.reshape(-1, *logits.shape[-2:])
-    return members.flatten(0, 1), targets.expand(len(members), *targets.shape).flatten(0, 1)
+    if logits.dim() == 2:
+        return logits, targets
+    return logits.flatten(0, 1), targets.expand(len(logits), *targets.shape).flatten(0, 1)
 
 
 def correlation_loss(correlation_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
