@@ -168,25 +168,37 @@ class Critic(nn.Module):
     """An MLP with two hidden layers: D_z and D_y (one logit) and the correlation
     classifier C (K logits) are all of this shape. No batch norm: the
     discriminators see real and fake batches separately, and batch statistics
-    would let them tell the two apart by the batch rather than the sample."""
+    would let them tell the two apart by the batch rather than the sample.
 
-    def __init__(self, in_features: int, out_features: int, hidden: int):
+    ``standardise_input`` (C only, which sees one batch): each input feature
+    moved to zero mean and unit variance by batch statistics (running ones in
+    eval mode), as the post-hoc probes standardise the codes they read. The
+    decorrelation's gradient then passes through the statistics, so the
+    encoder cannot hide the class by shrinking z."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: int, standardise_input: bool = False):
         super().__init__()
+        # Identity holds no state: a Critic without it loads the state dicts
+        # of runs from before the option.
+        self.input_norm = (nn.BatchNorm1d(in_features, affine=False) if standardise_input
+                           else nn.Identity())
         self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
                                  nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
                                  nn.Linear(hidden, out_features))
 
     def forward(self, x):
-        return self.net(x)
+        return self.net(self.input_norm(x))
 
 
 class CriticEnsemble(nn.Module):
     """Critics of one shape, each its own initialisation, on the same input:
     their outputs stacked, ``(members, batch, out_features)``."""
 
-    def __init__(self, members: int, in_features: int, out_features: int, hidden: int):
+    def __init__(self, members: int, in_features: int, out_features: int, hidden: int,
+                 standardise_input: bool = False):
         super().__init__()
-        self.members = nn.ModuleList(Critic(in_features, out_features, hidden) for _ in range(members))
+        self.members = nn.ModuleList(Critic(in_features, out_features, hidden, standardise_input)
+                                     for _ in range(members))
 
     def forward(self, x):
         return torch.stack([member(x) for member in self.members])
@@ -198,11 +210,13 @@ class Networks(nn.Module):
     plain Critic, so the state dicts of runs from before ensembles still load."""
 
     def __init__(self, kind: str, image_shape: tuple[int, int, int], num_classes: int,
-                 z_dim: int, scale: float, adversary_hidden: int, correlation_classifiers: int = 1):
+                 z_dim: int, scale: float, adversary_hidden: int, correlation_classifiers: int = 1,
+                 correlation_standardised: bool = False):
         super().__init__()
         self.encoder, self.decoder = build_autoencoder(kind, image_shape, num_classes, z_dim, scale)
         self.d_z = Critic(z_dim, 1, adversary_hidden)
         self.d_y = Critic(num_classes, 1, adversary_hidden)
-        self.correlation = (Critic(z_dim, num_classes, adversary_hidden) if correlation_classifiers == 1
+        self.correlation = (Critic(z_dim, num_classes, adversary_hidden, correlation_standardised)
+                            if correlation_classifiers == 1
                             else CriticEnsemble(correlation_classifiers, z_dim, num_classes,
-                                                adversary_hidden))
+                                                adversary_hidden, correlation_standardised))

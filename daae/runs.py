@@ -20,7 +20,8 @@ METRICS_FILE = "metrics.json"
 def build_networks(config: Config, image_shape: tuple[int, int, int], num_classes: int) -> Networks:
     model = config.model
     return Networks(model.kind, image_shape, num_classes, model.z_dim, model.scale,
-                    model.adversary_hidden, model.correlation_classifiers)
+                    model.adversary_hidden, model.correlation_classifiers,
+                    model.correlation_standardised)
 
 
 def new_run_dir(config: Config) -> Path:

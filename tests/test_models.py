@@ -1,4 +1,5 @@
-"""The conv model's speed levers change how it computes, never what."""
+"""The conv model's speed levers change how it computes, never what; C's
+standardised input reads codes as the probes do."""
 import copy
 
 import pytest
@@ -59,6 +60,34 @@ def test_conv_state_dicts_load_into_plain_and_centre_tap_models_alike():
     fresh.load_state_dict(plain.state_dict())  # strict: same keys and shapes
     for name, tensor in nets.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], tensor), name
+
+
+def test_a_standardising_c_reads_codes_alike_at_any_scale_and_offset():
+    """With random shifts the unaltered images' codes fill a small region off
+    the origin; a C standardising its input reads them as it would at the
+    prior's scale, and the encoder cannot hide the class by shrinking z."""
+    torch.manual_seed(0)
+    spread, offset = torch.tensor([0.3, 0.05, 0.1]), torch.tensor([-0.6, 1.3, 1.1])
+    z = torch.randn(64, 3) * spread + offset
+    standardising = Networks("mlp", (1, 28, 28), 10, 3, 0.05, 16, correlation_standardised=True)
+    plain = Networks("mlp", (1, 28, 28), 10, 3, 0.05, 16)
+    # (up to batch norm's epsilon against the smallest variance, 0.05 ** 2)
+    torch.testing.assert_close(standardising.correlation(z), standardising.correlation(10 * z - 5),
+                               rtol=0, atol=5e-3)
+    assert not torch.allclose(plain.correlation(z), plain.correlation(10 * z - 5), rtol=0, atol=0.1)
+    # Evaluation: the training codes' running statistics, so a code reads the
+    # same alone as in any batch, and as training read a batch like it.
+    with torch.no_grad():
+        for _ in range(200):
+            standardising.correlation(torch.randn(256, 3) * spread + offset)
+        batch = torch.randn(4096, 3) * spread + offset
+        training_read = standardising.correlation(batch)
+        standardising.eval()
+        evaluation_read = standardising.correlation(batch)
+    torch.testing.assert_close(standardising.correlation(batch[:1]), evaluation_read[:1])
+    torch.testing.assert_close(evaluation_read, training_read, rtol=0.05, atol=0.02)
+    # Without the option nothing is added, so runs from before it still load.
+    assert not any("input_norm" in name for name in plain.state_dict())
 
 
 def _first_reference_phase_gradients(config, data):

@@ -133,8 +133,24 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
 def test_fused_step_gradients_equal_the_plainly_computed_ones(tmp_path, objective, correlation_input,
                                                               consistency, vat, independence,
                                                               classifiers):
+    _check_fused_gradients(tmp_path, objective, correlation_input, consistency, vat, independence,
+                           f"model.correlation_classifiers={classifiers}")
+
+
+@pytest.mark.parametrize("objective,correlation_input,classifiers", [
+    ("maximize_ce", "training", 1), ("uniform", "clean", 1), ("uniform", "both", 3)])
+def test_fused_step_gradients_with_c_reading_standardised_codes(tmp_path, objective, correlation_input,
+                                                                classifiers):
+    # The decorrelation's gradient passes through C's batch statistics.
+    _check_fused_gradients(tmp_path, objective, correlation_input, 1.7, 0.8, 2.3,
+                           "model.correlation_standardised=true",
+                           f"model.correlation_classifiers={classifiers}")
+
+
+def _check_fused_gradients(tmp_path, objective, correlation_input, consistency, vat, independence,
+                           *model_overrides):
     config = tiny_config(tmp_path, "train.step_mode=fused", f"loss.decorrelation_objective={objective}",
-                         f"model.correlation_classifiers={classifiers}",
+                         *model_overrides,
                          "loss.adversarial_z=0.7", "loss.adversarial_y=1.3", "loss.decorrelation=0.9",
                          f"loss.correlation_input={correlation_input}",
                          f"loss.consistency={consistency}", f"loss.vat={vat}", "loss.vat_epsilon=1.5",
@@ -172,13 +188,13 @@ def test_fooling_gradient_stays_finite_for_a_certain_critic():
     torch.testing.assert_close(grad[1:], expected[1:])
 
 
-@pytest.mark.parametrize("phase,classifiers", [("decorrelation", 1), ("independence", 1),
-                                               ("decorrelation", 3)])
+@pytest.mark.parametrize("phase,model_overrides", [
+    ("decorrelation", ()), ("independence", ()), ("decorrelation", ("model.correlation_classifiers=3",)),
+    ("decorrelation", ("model.correlation_standardised=true",))])
 @pytest.mark.parametrize("correlation_input", ["training", "clean", "both"])
 def test_reference_z_branch_phases_encode_clean_images_without_noise(tmp_path, correlation_input,
-                                                                     phase, classifiers):
-    config = tiny_config(tmp_path, "loss.decorrelation=0.9", "loss.independence=2.3",
-                         f"model.correlation_classifiers={classifiers}")
+                                                                     phase, model_overrides):
+    config = tiny_config(tmp_path, "loss.decorrelation=0.9", "loss.independence=2.3", *model_overrides)
     data = load_data(config.data, config.seed)
     setup = prepare_training(config, make_accelerator("no"), data)
     x, x_clean = (data.unlabelled.images[i:i + 32].float() / 255 for i in (0, 32))
