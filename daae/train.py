@@ -1,6 +1,7 @@
 """train(config): the one training function behind `daae train` and every Tune trial."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -146,10 +147,12 @@ def _checkpoint_state(config, nets, optimizers, step, generator_states, run_seco
 
 
 def _changed_model_keys(state: dict, config: Config) -> str:
-    """The model.* keys whose values differ from those the checkpoint was written with."""
+    """The model.* keys whose values differ from those the checkpoint was written
+    with, each value as an override would spell it (JSON: false, not False)."""
     written = state.get("config", {}).get("model", {})
     now = to_dict(config)["model"]
-    return "; ".join(f"model.{key} is {now[key]!r} here, {written[key]!r} in the checkpoint"
+    return "; ".join(f"model.{key} is {json.dumps(now[key])} here, "
+                     f"{json.dumps(written[key])} in the checkpoint"
                      for key in now if key in written and written[key] != now[key])
 
 

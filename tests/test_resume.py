@@ -58,7 +58,7 @@ def test_resuming_with_another_model_names_the_changed_key(tmp_path):
                           "model.correlation_classifiers=3"),
               resume=tmp_path / "r")
     with pytest.raises(checkpoint.CheckpointError,
-                       match=r"model\.correlation_standardised is False here, True in the checkpoint"):
+                       match=r"model\.correlation_standardised is false here, true in the checkpoint"):
         train(tiny_config(tmp_path, "run.name=r", "train.max_steps=30", *common,
                           "model.correlation_standardised=false"),
               resume=tmp_path / "r")
