@@ -62,6 +62,14 @@ class ModelConfig:
     # it lowers the short probe, not the full one (docs/results.md "C reads z
     # standardised"), so the shipped configs leave it off.
     correlation_standardised: bool = False
+    # D_z reads each code beside its class (the one-hot argmax of q(y|x), held
+    # fixed), and each prior draw beside the class of the same row: z must
+    # then match N(0, I) within every class, which is independence from the
+    # class, not only in the marginal. It removes the class from the codes D_z
+    # reads (the training inputs'), not from the unaltered images' codes that
+    # the probes read, so the shipped configs leave it off (docs/results.md
+    # "D_z sees the class").
+    class_conditional_prior: bool = False
     input_noise: float = 0.3
 
 

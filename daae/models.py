@@ -207,14 +207,15 @@ class CriticEnsemble(nn.Module):
 class Networks(nn.Module):
     """All five networks under one module, for state dicts and parameter counts.
     ``correlation_classifiers`` above 1 makes C a CriticEnsemble; one C stays a
-    plain Critic, so the state dicts of runs from before ensembles still load."""
+    plain Critic, so the state dicts of runs from before ensembles still load.
+    ``class_conditional_prior`` widens D_z's input by one column per class."""
 
     def __init__(self, kind: str, image_shape: tuple[int, int, int], num_classes: int,
                  z_dim: int, scale: float, adversary_hidden: int, correlation_classifiers: int = 1,
-                 correlation_standardised: bool = False):
+                 correlation_standardised: bool = False, class_conditional_prior: bool = False):
         super().__init__()
         self.encoder, self.decoder = build_autoencoder(kind, image_shape, num_classes, z_dim, scale)
-        self.d_z = Critic(z_dim, 1, adversary_hidden)
+        self.d_z = Critic(z_dim + (num_classes if class_conditional_prior else 0), 1, adversary_hidden)
         self.d_y = Critic(num_classes, 1, adversary_hidden)
         self.correlation = (Critic(z_dim, num_classes, adversary_hidden, correlation_standardised)
                             if correlation_classifiers == 1

@@ -92,5 +92,6 @@ def prepare_training(config: Config, accelerator: Accelerator, data) -> Training
     batches = DeviceBatches(data, device, config.train.batch_size, config.seed,
                             accelerator.process_index, accelerator.num_processes)
     ctx = phases.StepContext(accelerator, wrapped, nets, generator, config.model.input_noise,
-                             data.num_classes, config.model.z_dim)
+                             data.num_classes, config.model.z_dim,
+                             class_conditional_prior=config.model.class_conditional_prior)
     return TrainingSetup(nets, optimizers, generator, batches, ctx)

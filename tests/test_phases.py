@@ -92,7 +92,13 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
 
     bce = F.binary_cross_entropy_with_logits
     real, fake = torch.ones(n), torch.zeros(n)
-    critic_loss = (bce(nets.d_z(torch.cat([prior_z, z.detach()])).squeeze(1), torch.cat([real, fake]))
+    if ctx.class_conditional_prior:
+        # Each code and the prior draw of its row beside the code's class.
+        classes = F.one_hot(logits_y.argmax(1), ctx.num_classes).float()
+        d_z = lambda codes: nets.d_z(torch.cat([codes, classes.repeat(len(codes) // n, 1)], 1))
+    else:
+        d_z = nets.d_z
+    critic_loss = (bce(d_z(torch.cat([prior_z, z.detach()])).squeeze(1), torch.cat([real, fake]))
                    + bce(nets.d_y(torch.cat([prior_y, q.detach()])).squeeze(1), torch.cat([real, fake]))
                    + _mean_correlation_ce(nets.correlation, z_c_input.detach(), targets))
     critics = [*nets.d_z.parameters(), *nets.d_y.parameters(), *nets.correlation.parameters()]
@@ -107,7 +113,7 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
                             for member in members) / len(members)
     autoencoder_loss = (weights.reconstruction * F.mse_loss(nets.decoder(q, z), x_u)
                         + weights.supervised * F.cross_entropy(logits_l, y_l)
-                        + weights.adversarial_z * bce(nets.d_z(z).squeeze(1), real)
+                        + weights.adversarial_z * bce(d_z(z).squeeze(1), real)
                         + weights.adversarial_y * bce(nets.d_y(q).squeeze(1), real)
                         + weights.decorrelation * decorrelation)
     if weights.consistency > 0:
@@ -147,6 +153,14 @@ def test_fused_step_gradients_with_c_reading_standardised_codes(tmp_path, object
                            f"model.correlation_classifiers={classifiers}")
 
 
+@pytest.mark.parametrize("objective,correlation_input,terms", [
+    ("maximize_ce", "training", (0, 0, 0)), ("uniform", "clean", (1.7, 0.8, 2.3))])
+def test_fused_step_gradients_with_a_class_conditional_prior(tmp_path, objective, correlation_input,
+                                                             terms):
+    _check_fused_gradients(tmp_path, objective, correlation_input, *terms,
+                           "model.class_conditional_prior=true")
+
+
 def _check_fused_gradients(tmp_path, objective, correlation_input, consistency, vat, independence,
                            *model_overrides):
     config = tiny_config(tmp_path, "train.step_mode=fused", f"loss.decorrelation_objective={objective}",
@@ -175,6 +189,40 @@ def _check_fused_gradients(tmp_path, objective, correlation_input, consistency, 
     autoencoder = [*nets.encoder.parameters(), *nets.decoder.parameters()]
     for param, expected in zip(critics + autoencoder, critic_grads + autoencoder_grads):
         torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_reference_prior_phases_show_d_z_each_code_beside_its_class(tmp_path):
+    config = tiny_config(tmp_path, "model.class_conditional_prior=true")
+    data = load_data(config.data, config.seed)
+    setup = prepare_training(config, make_accelerator("no"), data)
+    ctx, n = setup.ctx, 32
+    x = data.unlabelled.images[:n].float() / 255
+    before = copy.deepcopy(setup.nets)
+    generator = torch.Generator().set_state(setup.generator.get_state())
+
+    phases.discriminator_phase(ctx, setup.optimizers["discriminators"], x)
+    d_z_grads = [p.grad.clone() for p in setup.nets.d_z.parameters()]
+    phases.adversarial_z_phase(ctx, setup.optimizers["adversarial_z"], x, 0.7)
+
+    bce = F.binary_cross_entropy_with_logits
+    beside_class = lambda codes, logits: torch.cat(
+        [codes, F.one_hot(logits.argmax(1), ctx.num_classes).float()], 1)
+    logits_y, z = before.encoder(x + ctx.input_noise * torch.randn(x.shape, generator=generator))
+    prior_z = torch.randn(n, ctx.z_dim, generator=generator)
+    torch.randint(ctx.num_classes, (n,), generator=generator)  # D_y's prior draw
+    d_z_loss = bce(before.d_z(torch.cat([beside_class(prior_z, logits_y),
+                                         beside_class(z.detach(), logits_y)])).squeeze(1),
+                   torch.cat([torch.ones(n), torch.zeros(n)]))
+    for grad, expected in zip(d_z_grads, torch.autograd.grad(d_z_loss, list(before.d_z.parameters()))):
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+    # The adversarial phase reads the d_z stepped above, as the step does.
+    stepped_d_z = copy.deepcopy(setup.nets.d_z)
+    logits_y, z = before.encoder(x + ctx.input_noise * torch.randn(x.shape, generator=generator))
+    fooling = 0.7 * bce(stepped_d_z(beside_class(z, logits_y)).squeeze(1), torch.ones(n))
+    expected = torch.autograd.grad(fooling, list(before.encoder.z_branch_parameters()))
+    for param, grad in zip(setup.nets.encoder.z_branch_parameters(), expected):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
 
 
 def test_fooling_gradient_stays_finite_for_a_certain_critic():

@@ -62,6 +62,11 @@ def test_resuming_with_another_model_names_the_changed_key(tmp_path):
         train(tiny_config(tmp_path, "run.name=r", "train.max_steps=30", *common,
                           "model.correlation_standardised=false"),
               resume=tmp_path / "r")
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"model\.class_conditional_prior is true here, false in the checkpoint"):
+        train(tiny_config(tmp_path, "run.name=r", "train.max_steps=30", *common,
+                          "model.class_conditional_prior=true"),
+              resume=tmp_path / "r")
 
 
 def test_a_new_run_never_overwrites_an_existing_one(tmp_path):
