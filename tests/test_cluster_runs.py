@@ -326,10 +326,15 @@ def test_killed_worker_node_trial_resumes_from_its_checkpoint(ray_cluster, tmp_p
             assert time.monotonic() - started < 240, "no trial checkpointed on the worker node"
             for trial in trial_dirs(experiment) if experiment.is_dir() else []:
                 reported = [r for r in results(trial) if r["node_ip"] == WORKER_IP]
-                if reported:
-                    # Each report at a checkpoint step carries its checkpoint.
+                # Each report at a checkpoint step carries its checkpoint. Tune
+                # logs a report before the save task that registers its
+                # checkpoint returns, and asks for the next report only after
+                # it: once a second report is logged, the first one's
+                # checkpoint is registered; the latest one's may not be.
+                if len(reported) >= 2:
                     assert not reported[-1]["final"], "the worker's trial finished before the kill"
-                    victim, killed_at = trial.name, reported[-1]["step"]
+                    victim, registered = trial.name, reported[-2]["step"]
+                    killed_at = reported[-1]["step"]
             time.sleep(0.2)
         ray_cluster.cluster.remove_node(ray_cluster.worker, allow_graceful=False)
         log.info("killed the worker node while %s was at step %d", victim, killed_at)
@@ -348,10 +353,13 @@ def test_killed_worker_node_trial_resumes_from_its_checkpoint(ray_cluster, tmp_p
     on_worker = [r for r in rows if r["node_ip"] == WORKER_IP]
     on_head = [r for r in rows if r["node_ip"] == ray_cluster.head_ip]
     assert rows == on_worker + on_head and on_worker and on_head
-    # The retry restored the last checkpoint the dead node reported and went
-    # on from there: it never reported a step it had already done.
+    # The retry restored the last checkpoint Tune had registered from the dead
+    # node (at least the one registered before the kill: the node can die
+    # between a report and its save, or after a save whose report's row the
+    # driver had not yet logged) and went on from there.
     resumed = on_head[0]["resumed_from_step"]
-    assert resumed >= killed_at and resumed == on_worker[-1]["step"]
+    checkpoint_every = 20  # configs/tune/smoke.yaml's run.checkpoint_every
+    assert resumed >= registered and resumed % checkpoint_every == 0, (resumed, registered, killed_at)
     assert all(r["step"] > resumed for r in on_head)
     assert on_head[-1]["final"] and on_head[-1]["step"] == steps
     assert all(r["resumed_from_step"] == 0 for r in on_worker)
