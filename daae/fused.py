@@ -86,8 +86,7 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     z_at_dz, q_at_dy, z_at_c = (code.detach().requires_grad_() for code in (z, q, z_c_input))
     real_z, (real_y, counts_y) = ctx.prior_z(n, z.device), ctx.prior_y(n, z.device)
     with ctx.accelerator.autocast():
-        dz_logits = real_fake_logits(ctx.wrapped["d_z"], ctx.conditioned(real_z, logits_y),
-                                     ctx.conditioned(z_at_dz, logits_y))
+        dz_logits = real_fake_logits(ctx.wrapped["d_z"], *ctx.conditioned(logits_y, real_z, z_at_dz))
         dy_logits = real_fake_logits(ctx.wrapped["d_y"], real_y, q_at_dy)
         c_logits = ctx.wrapped["correlation"](z_at_c).float()
     loss_dz = real_fake_bce(dz_logits, torch.ones(n, device=z.device))

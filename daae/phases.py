@@ -43,16 +43,16 @@ class StepContext:
     def prior_z(self, count: int, device) -> torch.Tensor:
         return torch.randn(count, self.z_dim, generator=self.generator, device=device)
 
-    def conditioned(self, codes: torch.Tensor, logits_y: torch.Tensor) -> torch.Tensor:
-        """D_z's rows: ``codes`` alone or, with model.class_conditional_prior,
-        beside the one-hot argmax of ``logits_y`` row for row. Prior draws take
-        the classes of the codes they stand against, so D_z sees the same
-        classes on both sides and can tell them apart by z alone."""
+    def conditioned(self, logits_y: torch.Tensor, *codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """D_z's rows for each of ``codes``: the codes alone or, with
+        model.class_conditional_prior, beside the one-hot argmax of ``logits_y``
+        row for row. Prior draws take the classes of the codes they stand
+        against, so D_z sees the same classes on both sides and can tell them
+        apart by z alone."""
         if not self.class_conditional_prior:
             return codes
-        classes = torch.zeros(len(codes), self.num_classes, device=codes.device, dtype=codes.dtype)
-        classes.scatter_(1, logits_y.detach().argmax(1, keepdim=True), 1.0)
-        return torch.cat([codes, classes], 1)
+        classes = class_rows(logits_y.detach().argmax(1), self.num_classes)
+        return tuple(torch.cat([rows, classes.to(rows.dtype)], 1) for rows in codes)
 
     def prior_y(self, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``count`` draws from the uniform categorical prior, as its K distinct
@@ -240,8 +240,8 @@ def discriminator_phase(ctx: StepContext, optimizer, x: torch.Tensor):
         logits_y, z = ctx.plain.encoder(ctx.noisy(x))
     with ctx.accelerator.autocast():
         real_z, (real_y, counts_y) = ctx.prior_z(len(x), x.device), ctx.prior_y(len(x), x.device)
-        loss_z = real_fake_bce(real_fake_logits(ctx.wrapped["d_z"], ctx.conditioned(real_z, logits_y),
-                                                  ctx.conditioned(z.float(), logits_y)),
+        real_rows, fake_rows = ctx.conditioned(logits_y, real_z, z.float())
+        loss_z = real_fake_bce(real_fake_logits(ctx.wrapped["d_z"], real_rows, fake_rows),
                                 torch.ones(len(x), device=x.device))
         loss_y = real_fake_bce(real_fake_logits(ctx.wrapped["d_y"], real_y,
                                                   logits_y.float().softmax(1)), counts_y)
@@ -252,7 +252,8 @@ def discriminator_phase(ctx: StepContext, optimizer, x: torch.Tensor):
 def adversarial_z_phase(ctx: StepContext, optimizer, x: torch.Tensor, weight: float):
     with frozen(ctx.plain.d_z), ctx.accelerator.autocast():
         logits_y, z = ctx.wrapped["encoder"](ctx.noisy(x))
-        loss = fooled_bce(ctx.plain.d_z(ctx.conditioned(z, logits_y)))
+        (rows,) = ctx.conditioned(logits_y, z)
+        loss = fooled_bce(ctx.plain.d_z(rows))
     ctx.step(optimizer, weight * loss)
     return {"adversarial_z": loss.detach()}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -358,7 +359,7 @@ def test_killed_worker_node_trial_resumes_from_its_checkpoint(ray_cluster, tmp_p
     # between a report and its save, or after a save whose report's row the
     # driver had not yet logged) and went on from there.
     resumed = on_head[0]["resumed_from_step"]
-    checkpoint_every = 20  # configs/tune/smoke.yaml's run.checkpoint_every
+    checkpoint_every = yaml.safe_load(SMOKE.read_text())["overrides"]["run.checkpoint_every"]
     assert resumed >= registered and resumed % checkpoint_every == 0, (resumed, registered, killed_at)
     assert all(r["step"] > resumed for r in on_head)
     assert on_head[-1]["final"] and on_head[-1]["step"] == steps
