@@ -2,7 +2,8 @@
 for daae the trainer's summing of the losses on the device): daae's
 reference-order and fused steps against a plain port of the original loop
 (reference_impl.py, which reads its losses with .item()), same process, same
-data, same networks.
+data, same networks (the port's are the original's: the options that add to or
+widen daae's critics time on daae's side only).
 
     python -m benchmarks.bench_step [--models mlp conv] [--precisions fp32 bf16]
                                     [--steps 30] [--repeats 5] [--config FILE]
@@ -88,10 +89,15 @@ def daae_rate(config, data, steps: int, repeats: int,
 
 def reference_rate(config, data, device, steps: int, repeats: int,
                    count_ops: bool = False) -> tuple[float, float | None]:
-    from daae.runs import build_networks
+    from daae.models import Networks
 
     torch.manual_seed(config.seed)
-    nets = build_networks(config, data.image_shape, data.num_classes).to(device)
+    # The original algorithm's networks: one plain C, D_z on z alone. daae's own
+    # options (C ensembles, a standardised C, a class-conditional prior) stay on
+    # daae's side of the comparison, which they are part of.
+    model = config.model
+    nets = Networks(model.kind, data.image_shape, data.num_classes, model.z_dim, model.scale,
+                    model.adversary_hidden).to(device)
     dtype = torch.bfloat16 if config.train.mixed_precision == "bf16" else None
     unlabelled = data.unlabelled.images.float() / 255
     trainer = ReferenceTrainer(nets, unlabelled, unlabelled[:100], data.unlabelled.labels[:100],

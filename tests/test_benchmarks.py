@@ -28,6 +28,19 @@ def test_bench_step_runs_and_writes_its_result(tmp_path, monkeypatch):
     assert result["machine"]["cores"] >= 1 and "torch" in result["machine"]
 
 
+def test_bench_step_runs_daae_options_against_the_plain_original(tmp_path, monkeypatch):
+    """The port is the original algorithm: daae's options that widen or multiply
+    its networks apply to daae's cases only, not to the port's networks."""
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert bench_step.main(["--models", "mlp", "--precisions", "fp32", "--steps", "2",
+                            "--repeats", "1", "--images", "600", "--name", "o",
+                            "--set", "model.scale=0.05", "model.adversary_hidden=32",
+                            "model.class_conditional_prior=true", "model.correlation_classifiers=2",
+                            "model.correlation_standardised=true"]) == 0
+    (row,) = json.loads((tmp_path / "o.json").read_text())["rows"]
+    assert row["reference_impl_images_per_s"] > 0 and row["daae_fused_images_per_s"] > 0
+
+
 def test_a_failed_cuda_graph_case_keeps_the_eager_figures(tmp_path, monkeypatch):
     """On a GPU bench_step adds the graphed cases; one that fails (here: asked
     for on a CPU, which train.cuda_graph refuses) is recorded, not fatal."""
