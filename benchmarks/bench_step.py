@@ -2,8 +2,8 @@
 for daae the trainer's summing of the losses on the device): daae's
 reference-order and fused steps against a plain port of the original loop
 (reference_impl.py, which reads its losses with .item()), same process, same
-data, same networks (the port's are the original's: the options that add to or
-widen daae's critics time on daae's side only).
+data, same networks (the original's: daae's options that add critics or widen
+them are timed in daae's cases only).
 
     python -m benchmarks.bench_step [--models mlp conv] [--precisions fp32 bf16]
                                     [--steps 30] [--repeats 5] [--config FILE]
