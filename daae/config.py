@@ -137,6 +137,17 @@ class LossConfig:
     # codes as one batch, since one decorrelated only on clean images still
     # carries the class on the shifted ones it is trained on.
     correlation_input: str = "training"  # training | clean | both
+    # Which batch-norm statistics normalise the codes C, the decorrelation and
+    # the independence term read. training: the statistics of the training
+    # forward they come from, as for every other term; evaluation: the
+    # encoder's running averages, as evaluation, the probes and every user of
+    # z compute codes (a second encoder forward of C's rows, which leaves the
+    # averages as they are). The training forward's batch (shifted, labelled,
+    # unaltered and perturbed images together) moves the codes by 8-20 % of
+    # their spread (docs/results.md "The codes C reads in training and the
+    # codes the probes read"), so a z decorrelated there can still carry the
+    # class on the codes the probes read.
+    correlation_batch_norm: str = "training"  # training | evaluation
     # Consistency (not in the paper; the Pi-model's and UDA's term): pull q(y|x)
     # of each shifted, noisy unlabelled image toward q(y|x) of the same image
     # unaltered, a target held fixed, by KL(q_clean || q_training). Through a
@@ -221,6 +232,7 @@ CHOICES = {
     "loss.decorrelation_objective": ("maximize_ce", "uniform"),
     "loss.correlation_target": ("soft", "hard"),
     "loss.correlation_input": ("training", "clean", "both"),
+    "loss.correlation_batch_norm": ("training", "evaluation"),
 }
 CLASS_SIZES = {"mnist": 5421, "svhn": 4659}  # smallest class of each training set
 

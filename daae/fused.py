@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from .dependence import class_rows, normalised_hsic
-from .phases import (StepContext, consistency_loss, correlation_loss, correlation_targets,
-                     decorrelation_loss, fooled_bce, reads_clean_images, real_fake_bce,
-                     real_fake_logits, virtual_adversarial_perturbation)
+from .phases import (StepContext, batch_norm_as, consistency_loss, correlation_loss,
+                     correlation_targets, decorrelation_loss, fooled_bce, reads_clean_images,
+                     real_fake_bce, real_fake_logits, virtual_adversarial_perturbation)
 
 
 def _fooling_gradient(critic_input_grad: torch.Tensor, fake_logits: torch.Tensor,
@@ -55,16 +55,29 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     (``weights.correlation_input`` clean or both) or the consistency or virtual
     adversarial term needs its targets; None when none does. With ``weights.vat``
     the perturbed unaltered images are a fourth part of that forward.
+    With ``weights.correlation_batch_norm`` evaluation, C's rows (the training
+    inputs as that forward saw them, the unaltered images, or both) are
+    encoded in a second forward, by the plain encoder with its batch norms on
+    their running averages as the first forward left them; the unaltered
+    images then join the first forward only when the consistency or virtual
+    adversarial term needs them. The second forward's gradients join the
+    same backward, so DDP still reduces each parameter's gradient once.
     """
     correlation_input = weights.correlation_input
     decorrelate, objective = weights.decorrelation > 0, weights.decorrelation_objective
+    evaluation_codes = weights.correlation_batch_norm == "evaluation"
     if x_clean is None and reads_clean_images(weights):
         raise ValueError("fused_step: loss.correlation_input=clean or both, loss.consistency > 0 or "
                          "loss.vat > 0 reads the unaltered unlabelled images; pass them as x_clean")
+    # C's codes are not the training codes z themselves: the decorrelation's
+    # gradient reaches the encoder through a surrogate of their own.
+    separate_codes = evaluation_codes or correlation_input != "training"
     n, n_l = len(x_u), len(x_l)
-    n_clean = 0 if x_clean is None else len(x_clean)
+    clean_in_forward = x_clean is not None and (
+        weights.consistency > 0 or weights.vat > 0 or not evaluation_codes)
+    n_clean = len(x_clean) if clean_in_forward else 0
     inputs = [ctx.noisy(torch.cat([x_u, x_l]))]
-    if x_clean is not None:
+    if clean_in_forward:
         inputs.append(x_clean)
     if weights.vat > 0:
         inputs.append(x_clean + virtual_adversarial_perturbation(ctx, x_clean, weights.vat_epsilon))
@@ -75,7 +88,15 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     logits_clean, z_clean = logits_all[clean_rows].float(), z_all[clean_rows].float()
     logits_perturbed = logits_all[n + n_l + n_clean:].float()
     q = logits_y.softmax(1)
-    if correlation_input == "training":
+    if evaluation_codes:
+        training_rows = inputs[0][:n]  # the noise the training forward saw
+        rows = (training_rows if correlation_input == "training" else x_clean
+                if correlation_input == "clean" else torch.cat([training_rows, x_clean]))
+        encoder = ctx.plain.encoder
+        with batch_norm_as(encoder, "evaluation"), ctx.accelerator.autocast():
+            logits_c_input, z_c_input = encoder(rows)
+        logits_c_input, z_c_input = logits_c_input.float(), z_c_input.float()
+    elif correlation_input == "training":
         logits_c_input, z_c_input = logits_y, z
     elif correlation_input == "clean":
         logits_c_input, z_c_input = logits_clean, z_clean
@@ -111,7 +132,7 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
         # maximize_ce is C's own loss negated, so its gradient is C's, reversed.
         grad_decorrelation = weights.decorrelation * (
             -z_at_c.grad / scale if objective == "maximize_ce" else grad_decorrelation)
-        if correlation_input == "training":
+        if not separate_codes:
             grad_z = grad_z + grad_decorrelation
 
     with ctx.accelerator.autocast():
@@ -131,9 +152,9 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     if weights.independence > 0:
         losses["independence"] = normalised_hsic(z_c_input, class_rows(targets, ctx.num_classes))
         total = total + weights.independence * losses["independence"]
-    if decorrelate and correlation_input != "training":
-        # Rows other than the training codes' alone: a surrogate of their own
-        # (through the concatenation, for both, into z and the clean codes).
+    if decorrelate and separate_codes:
+        # Through the concatenation, for both, into z and the clean codes; with
+        # evaluation codes, through their own forward.
         total = total + (z_c_input * grad_decorrelation).sum()
     ctx.step(autoencoder_optimizer, total)
     return {name: value.detach() for name, value in losses.items()}

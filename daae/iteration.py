@@ -65,11 +65,13 @@ def iteration_on_batch(ctx: phases.StepContext, optimizers: dict, batches: Devic
     def rows():  # fresh noise for each phase, as the reference draws it
         return phases.correlation_rows(ctx, x_u, x_clean, loss.correlation_input)
 
-    out |= phases.correlation_phase(ctx, optimizers["correlation"], rows(), loss.correlation_target)
+    out |= phases.correlation_phase(ctx, optimizers["correlation"], rows(), loss.correlation_target,
+                                    loss.correlation_batch_norm)
     if loss.decorrelation > 0:
         out |= phases.decorrelation_phase(ctx, optimizers["decorrelation"], rows(), loss.decorrelation,
-                                          loss.decorrelation_objective, loss.correlation_target)
+                                          loss.decorrelation_objective, loss.correlation_target,
+                                          loss.correlation_batch_norm)
     if loss.independence > 0:
         out |= phases.independence_phase(ctx, optimizers["independence"], rows(), loss.independence,
-                                         loss.correlation_target)
+                                         loss.correlation_target, loss.correlation_batch_norm)
     return out

@@ -207,6 +207,23 @@ def running_statistics_frozen(module: nn.Module):
                 m.num_batches_tracked.copy_(tracked)
 
 
+@contextmanager
+def batch_norm_as(module: nn.Module, mode: str):
+    """``mode`` evaluation: ``module``'s batch norms normalise with their
+    running averages, as evaluation and the probes do, and leave them as
+    they are (``loss.correlation_batch_norm``); training: nothing changes."""
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if mode == "evaluation":
+        for m in norms:
+            m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
+
+
 def virtual_adversarial_perturbation(ctx: StepContext, x: torch.Tensor,
                                      epsilon: float) -> torch.Tensor:
     """VAT's r_adv (Miyato et al. 2018): per image, the perturbation of L2 norm
@@ -299,10 +316,12 @@ def virtual_adversarial_phase(ctx: StepContext, optimizer, x_clean: torch.Tensor
 
 
 # The z-branch phases take their encoder input as correlation_rows gives it
-# (any noise already added).
+# (any noise already added) and encode it with the batch norms as
+# ``batch_norm`` (loss.correlation_batch_norm) says.
 
-def correlation_phase(ctx: StepContext, optimizer, rows: torch.Tensor, target_kind: str):
-    with torch.no_grad(), ctx.accelerator.autocast():
+def correlation_phase(ctx: StepContext, optimizer, rows: torch.Tensor, target_kind: str,
+                      batch_norm: str = "training"):
+    with torch.no_grad(), ctx.accelerator.autocast(), batch_norm_as(ctx.plain.encoder, batch_norm):
         logits_y, z = ctx.plain.encoder(rows)
     targets = correlation_targets(logits_y, target_kind)
     with ctx.accelerator.autocast():
@@ -313,8 +332,11 @@ def correlation_phase(ctx: StepContext, optimizer, rows: torch.Tensor, target_ki
 
 
 def decorrelation_phase(ctx: StepContext, optimizer, rows: torch.Tensor, weight: float,
-                        objective: str, target_kind: str):
-    with frozen(ctx.plain.correlation), ctx.accelerator.autocast():
+                        objective: str, target_kind: str, batch_norm: str = "training"):
+    # The wrapped encoder (DDP reduces this phase's gradients), whose batch
+    # norms are the plain encoder's modules.
+    with (frozen(ctx.plain.correlation), ctx.accelerator.autocast(),
+          batch_norm_as(ctx.plain.encoder, batch_norm)):
         logits_y, z = ctx.wrapped["encoder"](rows)
         logits_c = ctx.plain.correlation(z)
     loss = decorrelation_loss(logits_c, correlation_targets(logits_y, target_kind), objective)
@@ -323,8 +345,8 @@ def decorrelation_phase(ctx: StepContext, optimizer, rows: torch.Tensor, weight:
 
 
 def independence_phase(ctx: StepContext, optimizer, rows: torch.Tensor, weight: float,
-                       target_kind: str):
-    with ctx.accelerator.autocast():
+                       target_kind: str, batch_norm: str = "training"):
+    with ctx.accelerator.autocast(), batch_norm_as(ctx.plain.encoder, batch_norm):
         logits_y, z = ctx.wrapped["encoder"](rows)
     classes = class_rows(correlation_targets(logits_y, target_kind), ctx.num_classes)
     loss = normalised_hsic(z, classes)

@@ -46,6 +46,7 @@ def test_saved_config_round_trips(tmp_path):
     ("train.mixed_precision=fp8", "train.mixed_precision"),
     ("data.max_shift=-2", "data.max_shift"),
     ("loss.correlation_input=noisy", "loss.correlation_input"),
+    ("loss.correlation_batch_norm=running", "loss.correlation_batch_norm"),
     ("loss.consistency=-1", "loss.consistency"),
     ("loss.vat=-1", "loss.vat"),
     ("loss.vat_epsilon=0", "loss.vat_epsilon"),

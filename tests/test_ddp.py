@@ -12,8 +12,9 @@ from conftest import SMOKE
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.mark.parametrize("step_mode", ["reference", "fused"])
-def test_two_cpu_processes_keep_identical_parameters(tmp_path, step_mode):
+@pytest.mark.parametrize("step_mode,codes", [("reference", "training"), ("fused", "training"),
+                                             ("fused", "evaluation")])
+def test_two_cpu_processes_keep_identical_parameters(tmp_path, step_mode, codes):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -22,7 +23,9 @@ def test_two_cpu_processes_keep_identical_parameters(tmp_path, step_mode):
                "run.name=ddp", "train.max_steps=60", f"train.step_mode={step_mode}", "run.progress_bar=false",
                "run.checkpoint_every=25", "eval.final_test=false", "eval.probe_epochs=1",
                # The extra phases and VAT's power iteration (a forward DDP must not see).
-               "data.max_shift=1", "loss.consistency=0.5", "loss.vat=0.5"]
+               "data.max_shift=1", "loss.consistency=0.5", "loss.vat=0.5",
+               # With evaluation codes C's rows take a second forward outside DDP.
+               f"loss.correlation_batch_norm={codes}", "loss.correlation_input=clean"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

@@ -40,12 +40,27 @@ def _written_out_hsic(z, classes):
     the median off-diagonal squared distance, L the classes' linear kernel."""
     n = len(z)
     centring = torch.eye(n) - torch.full((n, n), 1 / n)
-    squared = torch.cdist(z, z).pow(2)
+    # Exact differences: the matrix-product form loses digits when z sits far from 0.
+    squared = torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
     median = squared.detach()[~torch.eye(n, dtype=torch.bool)].median()
     kernel = sum(torch.exp(-squared / (f * median)) for f in (0.25, 1.0, 4.0)) / 3
     labels = classes @ classes.T
     hsic = lambda a, b: torch.trace(a @ centring @ b @ centring)
     return hsic(kernel, labels) / (hsic(kernel, kernel) * hsic(labels, labels)).sqrt()
+
+
+def _settle_running_averages(encoder, images):
+    """Running averages as a trained encoder has them, on the scale of its
+    batch statistics: those of ``images``, set by one forward (momentum 1).
+    Fresh ones (0 and 1) shrink a fresh encoder's z about thirtyfold in eval
+    mode, where fp32 gradients lose the digits a comparison needs."""
+    norms = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.momentum = 1.0
+    with torch.no_grad():
+        encoder(images)
+    for m in norms:
+        m.momentum = 0.1
 
 
 def _each_classifier(correlation):
@@ -65,12 +80,19 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
     twice (detached codes for its own loss, live codes for the encoder's).
     With ``loss.correlation_input`` clean, C and the decorrelation read the
     codes of ``x_clean``, with both those and the training inputs'; the
-    consistency and the virtual adversarial term take their targets from them."""
+    consistency and the virtual adversarial term take their targets from them.
+    With ``loss.correlation_batch_norm`` evaluation, C's rows are encoded on
+    their own with the encoder in eval mode, after the training forward."""
     generator = torch.Generator().set_state(ctx_generator_state)
     n, n_l = len(x_u), len(x_l)
     x = torch.cat([x_u, x_l])
     noisy = x + ctx.input_noise * torch.randn(x.shape, generator=generator)
-    if x_clean is not None:
+    training_rows = noisy[:n]
+    evaluation_codes = weights.correlation_batch_norm == "evaluation"
+    # Evaluation codes need the clean images in the training batch only for the terms that read them there.
+    clean_in_batch = x_clean is not None and (not evaluation_codes or weights.consistency > 0
+                                              or weights.vat > 0)
+    if clean_in_batch:
         noisy = torch.cat([noisy, x_clean])
     if weights.vat > 0:
         # On a copy: these forwards move the running statistics, which the step's must not see.
@@ -79,12 +101,19 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
         noisy = torch.cat([noisy, x_clean + perturbation])
     logits_all, z_all = nets.encoder(noisy)
     logits_y, z, logits_l = logits_all[:n], z_all[:n], logits_all[n:n + n_l]
-    n_clean = 0 if x_clean is None else len(x_clean)
+    n_clean = len(x_clean) if clean_in_batch else 0
     logits_clean, z_clean = logits_all[n + n_l:n + n_l + n_clean], z_all[n + n_l:n + n_l + n_clean]
     q = logits_y.softmax(1)
-    logits_c_input, z_c_input = {
-        "training": (logits_y, z), "clean": (logits_clean, z_clean),
-        "both": (torch.cat([logits_y, logits_clean]), torch.cat([z, z_clean]))}[weights.correlation_input]
+    if evaluation_codes:
+        rows = {"training": lambda: training_rows, "clean": lambda: x_clean,
+                "both": lambda: torch.cat([training_rows, x_clean])}[weights.correlation_input]()
+        nets.encoder.eval()
+        logits_c_input, z_c_input = nets.encoder(rows)
+        nets.encoder.train()
+    else:
+        logits_c_input, z_c_input = {
+            "training": (logits_y, z), "clean": (logits_clean, z_clean),
+            "both": (torch.cat([logits_y, logits_clean]), torch.cat([z, z_clean]))}[weights.correlation_input]
     targets = logits_c_input.softmax(1).detach()
     prior_z = torch.randn(n, ctx.z_dim, generator=generator)
     labels = torch.randint(ctx.num_classes, (n,), generator=generator)
@@ -161,6 +190,15 @@ def test_fused_step_gradients_with_a_class_conditional_prior(tmp_path, objective
                            "model.class_conditional_prior=true")
 
 
+@pytest.mark.parametrize("objective,correlation_input,terms", [
+    ("maximize_ce", "training", (0, 0, 0)), ("uniform", "clean", (0, 0, 2.3)),
+    ("uniform", "clean", (1.7, 0.8, 2.3)), ("maximize_ce", "both", (1.7, 0.8, 2.3))])
+def test_fused_step_gradients_with_c_reading_evaluation_codes(tmp_path, objective, correlation_input,
+                                                              terms):
+    _check_fused_gradients(tmp_path, objective, correlation_input, *terms,
+                           "loss.correlation_batch_norm=evaluation")
+
+
 def _check_fused_gradients(tmp_path, objective, correlation_input, consistency, vat, independence,
                            *model_overrides):
     config = tiny_config(tmp_path, "train.step_mode=fused", f"loss.decorrelation_objective={objective}",
@@ -176,6 +214,8 @@ def _check_fused_gradients(tmp_path, objective, correlation_input, consistency, 
     # Clean images other than x_u, so that reading the wrong rows shows.
     needs_clean = correlation_input != "training" or consistency > 0 or vat > 0
     x_clean = data.unlabelled.images[32:64].float() / 255 if needs_clean else None
+    if config.loss.correlation_batch_norm == "evaluation":
+        _settle_running_averages(setup.nets.encoder, data.unlabelled.images[64:128].float() / 255)
     before = copy.deepcopy(setup.nets)
     state = setup.generator.get_state()
 
@@ -189,6 +229,10 @@ def _check_fused_gradients(tmp_path, objective, correlation_input, consistency, 
     autoencoder = [*nets.encoder.parameters(), *nets.decoder.parameters()]
     for param, expected in zip(critics + autoencoder, critic_grads + autoencoder_grads):
         torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6)
+    # The running averages moved by the training forward alone (VAT's and the
+    # evaluation codes' forwards leave them), over the same batch.
+    for (name, buffer), expected in zip(nets.encoder.named_buffers(), before.encoder.buffers()):
+        torch.testing.assert_close(buffer, expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_reference_prior_phases_show_d_z_each_code_beside_its_class(tmp_path):
@@ -273,6 +317,46 @@ def test_reference_z_branch_phases_encode_clean_images_without_noise(tmp_path, c
         torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
     for param in setup.nets.encoder.y_head.parameters():
         assert param.grad is None or not param.grad.any()
+
+
+@pytest.mark.parametrize("phase", ["correlation", "decorrelation", "independence"])
+def test_reference_z_branch_phases_read_codes_as_evaluation_computes_them(tmp_path, phase):
+    config = tiny_config(tmp_path, "loss.correlation_batch_norm=evaluation", "loss.decorrelation=0.9",
+                         "loss.independence=2.3")
+    data = load_data(config.data, config.seed)
+    setup = prepare_training(config, make_accelerator("no"), data)
+    x, x_clean = (data.unlabelled.images[i:i + 32].float() / 255 for i in (0, 32))
+    _settle_running_averages(setup.nets.encoder, data.unlabelled.images[64:128].float() / 255)
+    before = copy.deepcopy(setup.nets)
+    averages = [b.clone() for b in setup.nets.encoder.buffers()]
+    rows = phases.correlation_rows(setup.ctx, x, x_clean, "both")
+    optimizer = setup.optimizers[phase]
+
+    if phase == "correlation":
+        losses = phases.correlation_phase(setup.ctx, optimizer, rows, "soft", "evaluation")
+    elif phase == "decorrelation":
+        losses = phases.decorrelation_phase(setup.ctx, optimizer, rows, 0.9, "maximize_ce", "soft",
+                                            "evaluation")
+    else:
+        losses = phases.independence_phase(setup.ctx, optimizer, rows, 2.3, "soft", "evaluation")
+
+    before.encoder.eval()
+    logits_y, z = before.encoder(rows)
+    targets = logits_y.softmax(1).detach()
+    if phase == "correlation":
+        term, weight = _mean_correlation_ce(before.correlation, z.detach(), targets), 1.0
+        params, trained = list(before.correlation.parameters()), setup.nets.correlation.parameters()
+    else:
+        term, weight = ((-_mean_correlation_ce(before.correlation, z, targets), 0.9)
+                        if phase == "decorrelation" else (_written_out_hsic(z, targets), 2.3))
+        params, trained = list(before.encoder.z_branch_parameters()), setup.nets.encoder.z_branch_parameters()
+    torch.testing.assert_close(losses[phase], term.detach())
+    for param, grad in zip(trained, torch.autograd.grad(weight * term, params)):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
+    # The phase left the averages as they were and the batch norms training.
+    for buffer, average in zip(setup.nets.encoder.buffers(), averages):
+        assert torch.equal(buffer, average)
+    assert all(m.training for m in setup.nets.encoder.modules())
 
 
 def test_reference_correlation_phase_trains_each_classifier_of_an_ensemble_on_its_own_loss(tmp_path):

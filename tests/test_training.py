@@ -99,8 +99,12 @@ def test_correlation_lr_scale_sets_cs_rate_and_resumes_a_run_without_it(tmp_path
      "loss.correlation_input=clean"),
     ("data.max_shift=2", "loss.consistency=2", "loss.vat=1"),
     ("data.max_shift=2", "loss.correlation_input=both", "loss.independence=1"),
+    ("train.step_mode=fused", "data.max_shift=2", "loss.correlation_input=clean",
+     "loss.correlation_batch_norm=evaluation", "loss.consistency=2", "loss.independence=1"),
+    ("data.max_shift=2", "loss.correlation_batch_norm=evaluation", "loss.independence=1"),
 ], ids=["fused-shift-clean-consistency-vat", "bf16", "conv-uniform", "all-labels-hard-shift-clean",
-        "reference-consistency-vat", "reference-shift-both-independence"])
+        "reference-consistency-vat", "reference-shift-both-independence",
+        "fused-clean-evaluation-codes", "reference-evaluation-codes"])
 def test_variants_train_and_learn(tmp_path, overrides):
     result = train(tiny_config(tmp_path, "train.max_steps=120", "eval.final_test=false",
                                "eval.probe_epochs=1", *overrides))
