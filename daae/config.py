@@ -148,6 +148,12 @@ class LossConfig:
     # codes the probes read"), so a z decorrelated there can still carry the
     # class on the codes the probes read.
     correlation_batch_norm: str = "training"  # training | evaluation
+    # First epoch whose steps read evaluation codes (with
+    # correlation_batch_norm evaluation; training codes before it). From
+    # scratch, evaluation codes left a fresh probe reading more of the class
+    # at epoch 10 than training codes did; switched on at epoch 41 they lowered
+    # it (docs/results.md "C reads the evaluation codes, from scratch").
+    correlation_batch_norm_start_epoch: int = 0
     # Consistency (not in the paper; the Pi-model's and UDA's term): pull q(y|x)
     # of each shifted, noisy unlabelled image toward q(y|x) of the same image
     # unaltered, a target held fixed, by KL(q_clean || q_training). Through a
@@ -339,6 +345,8 @@ def validate(config: Config) -> None:
              f"must be positive (the perturbation's L2 norm per image), got {loss.vat_epsilon}")
     _require(loss.decorrelation_start_epoch >= 0, "loss.decorrelation_start_epoch", "must be 0 or more")
     _require(loss.vat_start_epoch >= 0, "loss.vat_start_epoch", "must be 0 or more")
+    _require(loss.correlation_batch_norm_start_epoch >= 0, "loss.correlation_batch_norm_start_epoch",
+             "must be 0 or more")
     for name in ("probe_hidden", "probe_epochs", "probe_epochs_during_training", "probe_train_size",
                  "probe_batch_size", "batch_size"):
         _require(getattr(config.eval, name) >= 1, f"eval.{name}", "must be at least 1")

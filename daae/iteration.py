@@ -16,11 +16,15 @@ def weights_at_epoch(loss: LossConfig, epoch: int) -> LossConfig:
     (``loss.<term>_start_epoch``; the independence term shares the
     decorrelation's) weighs 0 before it, so each step until then is exactly
     the step without it (for VAT: no power iteration, no perturbed rows, and
-    no clean rows that only VAT would read)."""
+    no clean rows that only VAT would read). Evaluation codes for C
+    (``loss.correlation_batch_norm``) wait for their start epoch the same
+    way, reading training codes until then."""
     starts = {"decorrelation": loss.decorrelation_start_epoch,
               "independence": loss.decorrelation_start_epoch, "vat": loss.vat_start_epoch}
     waiting = {term: 0.0 for term, start in starts.items()
                if getattr(loss, term) > 0 and epoch < start}
+    if loss.correlation_batch_norm == "evaluation" and epoch < loss.correlation_batch_norm_start_epoch:
+        waiting["correlation_batch_norm"] = "training"
     return dataclasses.replace(loss, **waiting) if waiting else loss
 
 

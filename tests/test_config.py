@@ -47,6 +47,7 @@ def test_saved_config_round_trips(tmp_path):
     ("data.max_shift=-2", "data.max_shift"),
     ("loss.correlation_input=noisy", "loss.correlation_input"),
     ("loss.correlation_batch_norm=running", "loss.correlation_batch_norm"),
+    ("loss.correlation_batch_norm_start_epoch=-1", "loss.correlation_batch_norm_start_epoch"),
     ("loss.consistency=-1", "loss.consistency"),
     ("loss.vat=-1", "loss.vat"),
     ("loss.vat_epsilon=0", "loss.vat_epsilon"),

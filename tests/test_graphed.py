@@ -92,6 +92,8 @@ def test_a_run_captures_anew_exactly_when_a_rate_or_a_weight_changes():
             changes.append(epoch)
         previous = key
     starts = {config.loss.decorrelation_start_epoch, config.loss.vat_start_epoch}
+    if config.loss.correlation_batch_norm == "evaluation":
+        starts.add(config.loss.correlation_batch_norm_start_epoch)
     assert changes == sorted({0, *starts, *config.train.lr_milestones})
     assert len(changes) <= 6  # a capture costs about a second; a run makes a handful
 
@@ -116,16 +118,19 @@ class EagerGraphs:
 
 @pytest.mark.parametrize("step_mode", ["fused", "reference"])
 def test_graphed_steps_train_as_the_eager_loop_does(tmp_path, step_mode):
-    """Warm-up, capture and replay, captured afresh at a learning-rate drop
-    and when VAT starts, and the unlabelled batch each replay reads: the same
-    losses, step for step, as training_iteration."""
+    """Warm-up, capture and replay, captured afresh at a learning-rate drop,
+    when C's evaluation codes start and when VAT starts, and the unlabelled
+    batch each replay reads: the same losses, step for step, as
+    training_iteration."""
     from daae.graphed import WARMUP_ITERATIONS, GraphedStep
 
     config = tiny_config(tmp_path, f"train.step_mode={step_mode}", "data.max_shift=2",
                          "data.synthetic_train_size=800", "data.validation_size=100",
                          "loss.correlation_input=clean", "loss.decorrelation_objective=uniform",
                          "loss.vat=1", "loss.vat_start_epoch=2", "loss.independence=1",
-                         "loss.decorrelation_start_epoch=0", "train.lr_milestones=[3]")
+                         "loss.decorrelation_start_epoch=0", "train.lr_milestones=[3]",
+                         "loss.correlation_batch_norm=evaluation",
+                         "loss.correlation_batch_norm_start_epoch=1")
     data = load_data(config.data, config.seed)
     histories, stand_in = [], EagerGraphs()
     for graphed in (False, True):
@@ -143,6 +148,7 @@ def test_graphed_steps_train_as_the_eager_loop_does(tmp_path, step_mode):
         histories.append(history)
     assert per_epoch > WARMUP_ITERATIONS + 1
     assert histories[1] == histories[0]
-    # Captures at epoch 0, at VAT's start (2) and at the drop (3), each after its warm-up.
-    assert stand_in.captured_steps == [WARMUP_ITERATIONS * k for k in (1, 2, 3)]
-    assert step_fn.captures == 3
+    # Captures at epoch 0, when C's evaluation codes start (1), at VAT's start
+    # (2) and at the drop (3), each after its warm-up.
+    assert stand_in.captured_steps == [WARMUP_ITERATIONS * k for k in (1, 2, 3, 4)]
+    assert step_fn.captures == 4

@@ -467,3 +467,22 @@ def test_a_term_before_its_start_epoch_is_the_step_without_it(tmp_path, step_mod
     for name, param in waiting_params.items():
         assert torch.equal(param, without_params[name]), name
     assert started[term] > 0
+
+
+@pytest.mark.parametrize("step_mode", ["fused", "reference"])
+def test_evaluation_codes_before_their_start_epoch_are_the_training_codes_step(tmp_path, step_mode):
+    from daae.iteration import training_iteration
+
+    def first_step(epoch, *overrides):
+        config = tiny_config(tmp_path, f"train.step_mode={step_mode}", "data.max_shift=1",
+                             "loss.correlation_input=clean", "loss.independence=0.7", *overrides)
+        setup = prepare_training(config, make_accelerator("no"), load_data(config.data, config.seed))
+        training_iteration(setup.ctx, setup.optimizers, setup.batches, epoch, 0, config)
+        return dict(setup.nets.named_parameters())
+
+    evaluation = ("loss.correlation_batch_norm=evaluation", "loss.correlation_batch_norm_start_epoch=2")
+    waiting, training = first_step(1, *evaluation), first_step(1)
+    for name, param in waiting.items():
+        assert torch.equal(param, training[name]), name
+    started, training = first_step(2, *evaluation), first_step(2)
+    assert not torch.equal(started["encoder.z_head.0.weight"], training["encoder.z_head.0.weight"])
