@@ -188,12 +188,16 @@ def _unit_rows(t: torch.Tensor) -> torch.Tensor:
     return F.normalize(t.flatten(1), dim=1).view_as(t)
 
 
+def batch_norms(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @contextmanager
 def running_statistics_frozen(module: nn.Module):
     """Batch norm normalises with batch statistics as in training, but its
     running averages (what evaluation uses) do not move: the power
     iteration's probes are not images the model will be evaluated on."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batch_norms(module)
     saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
              for m in norms]
     for m in norms:
@@ -211,12 +215,14 @@ def running_statistics_frozen(module: nn.Module):
 def batch_norm_as(module: nn.Module, mode: str):
     """``mode`` evaluation: ``module``'s batch norms normalise with their
     running averages, as evaluation and the probes do, and leave them as
-    they are (``loss.correlation_batch_norm``); training: nothing changes."""
-    norms = [m for m in module.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    if mode == "evaluation":
-        for m in norms:
-            m.eval()
+    they are (``loss.correlation_batch_norm``); training: nothing changes,
+    and no module is visited (the default, on every reference step)."""
+    if mode != "evaluation":
+        yield
+        return
+    norms = [m for m in batch_norms(module) if m.training]
+    for m in norms:
+        m.eval()
     try:
         yield
     finally:

@@ -54,13 +54,14 @@ def _settle_running_averages(encoder, images):
     batch statistics: those of ``images``, set by one forward (momentum 1).
     Fresh ones (0 and 1) shrink a fresh encoder's z about thirtyfold in eval
     mode, where fp32 gradients lose the digits a comparison needs."""
-    norms = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = phases.batch_norms(encoder)
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.momentum = 1.0
     with torch.no_grad():
         encoder(images)
-    for m in norms:
-        m.momentum = 0.1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
 
 
 def _each_classifier(correlation):
