@@ -6,15 +6,19 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from . import checkpoint
 from .atomic import atomic_write
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, from_dict, load_config, to_dict
 from .data import SemiSupervisedData, load_data
 from .models import Networks
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
+RESUMES_FILE = "resumes.yaml"
 
 
 def build_networks(config: Config, image_shape: tuple[int, int, int], num_classes: int) -> Networks:
@@ -35,6 +39,37 @@ def new_run_dir(config: Config) -> Path:
         suffix += 1
         candidate = parent / f"{base}-{suffix}"
     return candidate
+
+
+def _dotted(values: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out |= _dotted(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(before: dict, after: Config) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (value before, value after) for every key a resume changed.
+    ``before`` is the config a checkpoint was written with; a key it lacks
+    (added to daae since) had its default, which keeps the behaviour of before."""
+    defaults = _dotted(to_dict(from_dict({})))
+    old = defaults | _dotted(before)
+    return {key: (old.get(key), value) for key, value in _dotted(to_dict(after)).items()
+            if old.get(key) != value}
+
+
+def record_resume(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Append this resume to the run's resumes.yaml. config.yaml holds only the
+    config the run goes on with, so this is where a setting changed mid-run, and
+    the step it changed at, stays on record."""
+    path = Path(run_dir) / RESUMES_FILE
+    entries = (yaml.safe_load(path.read_text()) if path.is_file() else None) or []
+    entries.append({"step": step, "changed": {
+        key: {"from": before, "to": after} for key, (before, after) in changes.items()}})
+    atomic_write(path, lambda handle: handle.write(yaml.safe_dump(entries, sort_keys=False)), binary=False)
 
 
 def write_json(data: dict, path: Path) -> None:

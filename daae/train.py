@@ -21,7 +21,7 @@ from .grids import reconstruction_grid, save_png
 from .optimizers import lr_factor, restore_optimizer, set_learning_rates
 from .prepare import make_accelerator, prepare_training
 from .sample import tensorboard_generation
-from .runs import CONFIG_FILE, METRICS_FILE, new_run_dir, write_json
+from .runs import CONFIG_FILE, METRICS_FILE, config_changes, new_run_dir, record_resume, write_json
 
 log = logging.getLogger(__name__)
 
@@ -216,15 +216,22 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     step, earlier_seconds = 0, 0.0
     ckpt_path = checkpoint.checkpoint_path(run_dir)
     if resume is not None:
-        step, earlier_seconds = _restore(checkpoint.load(ckpt_path), config, nets, optimizers,
-                                         generator, accelerator, ckpt_path)
-        log.info("resumed %s at step %d", run_dir, step)
+        state = checkpoint.load(ckpt_path)
+        step, earlier_seconds = _restore(state, config, nets, optimizers, generator, accelerator,
+                                         ckpt_path)
+        changes = config_changes(state.get("config", {}), config)
+        del state  # the weights are in the networks now; no second copy for the whole run
+        log.info("resumed %s at step %d%s", run_dir, step, "".join(
+            f"; {key}: {json.dumps(before)} -> {json.dumps(after)}"
+            for key, (before, after) in changes.items()))
     total_steps = planned_steps(config, batches.steps_per_epoch)
 
     writer = None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_FILE)
+        if resume is not None:
+            record_resume(run_dir, step, changes)
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir))
     grid_images = to_float(data.validation.images[:8]).to(device)

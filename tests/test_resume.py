@@ -118,3 +118,45 @@ def test_a_checkpoints_training_time_leaves_out_the_evaluation_before_it(tmp_pat
                    hooks=Hooks(on_evaluation=slow_evaluation, on_checkpoint=read_checkpoint))
     # Step 10's evaluation slept 2 s right before its checkpoint; neither counts.
     assert 0 < recorded[10] < recorded[20] == result["train_seconds"] < 2.0
+
+
+def test_a_resume_keeps_the_settings_it_changed_on_record(tmp_path, caplog):
+    """config.yaml holds only the config a run goes on with; resumes.yaml keeps
+    each resume's step and every setting it changed, and the log names them."""
+    import logging
+
+    import yaml
+
+    from daae.runs import RESUMES_FILE
+
+    common = ("eval.final_test=false", "eval.probe_epochs=1", "run.checkpoint_every=10")
+    run = tmp_path / "r"
+    train(tiny_config(tmp_path, "run.name=r", "train.max_steps=10", *common))
+    assert not (run / RESUMES_FILE).exists()
+    before = checkpoint.load(run)["config"]["loss"]["decorrelation"]
+    with caplog.at_level(logging.INFO, logger="daae.train"):
+        train(tiny_config(tmp_path, "run.name=r", "train.max_steps=20", "loss.decorrelation=0.25", *common),
+              resume=run)
+    assert f"at step 10; train.max_steps: 10 -> 20; loss.decorrelation: {before} -> 0.25" in caplog.text
+
+    # A checkpoint written before a key existed: the key counts as its default,
+    # so only a value other than the default is a change.
+    def written_without(section, key):
+        state = checkpoint.load(run)
+        del state["config"][section][key]
+        checkpoint.save_atomic(state, checkpoint.checkpoint_path(run))
+
+    written_without("loss", "correlation_batch_norm_start_epoch")
+    train(tiny_config(tmp_path, "run.name=r", "train.max_steps=30", "loss.decorrelation=0.25", *common),
+          resume=run)
+    written_without("loss", "correlation_batch_norm")
+    train(tiny_config(tmp_path, "run.name=r", "train.max_steps=40", "loss.decorrelation=0.25",
+                      "loss.correlation_batch_norm=evaluation", *common), resume=run)
+    assert yaml.safe_load((run / RESUMES_FILE).read_text()) == [
+        {"step": 10, "changed": {"train.max_steps": {"from": 10, "to": 20},
+                                 "loss.decorrelation": {"from": before, "to": 0.25}}},
+        {"step": 20, "changed": {"train.max_steps": {"from": 20, "to": 30}}},
+        {"step": 30, "changed": {"train.max_steps": {"from": 30, "to": 40},
+                                 "loss.correlation_batch_norm": {"from": "training", "to": "evaluation"}}},
+    ]
+    assert yaml.safe_load((run / "config.yaml").read_text())["loss"]["correlation_batch_norm"] == "evaluation"
