@@ -67,6 +67,9 @@ def record_resume(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]])
     the step it changed at, stays on record."""
     path = Path(run_dir) / RESUMES_FILE
     entries = (yaml.safe_load(path.read_text()) if path.is_file() else None) or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path} should be a list of resumes (step, changed), as daae writes it; "
+                          f"move it aside to resume this run")
     entries.append({"step": step, "changed": {
         key: {"from": before, "to": after} for key, (before, after) in changes.items()}})
     atomic_write(path, lambda handle: handle.write(yaml.safe_dump(entries, sort_keys=False)), binary=False)

@@ -229,9 +229,9 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     writer = None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / CONFIG_FILE)
-        if resume is not None:
+        if resume is not None:  # before config.yaml: a record it cannot extend stops the run first
             record_resume(run_dir, step, changes)
+        save_config(config, run_dir / CONFIG_FILE)
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir))
     grid_images = to_float(data.validation.images[:8]).to(device)

@@ -125,8 +125,10 @@ def test_a_resume_keeps_the_settings_it_changed_on_record(tmp_path, caplog):
     each resume's step and every setting it changed, and the log names them."""
     import logging
 
+    import pytest
     import yaml
 
+    from daae.config import ConfigError
     from daae.runs import RESUMES_FILE
 
     common = ("eval.final_test=false", "eval.probe_epochs=1", "run.checkpoint_every=10")
@@ -160,3 +162,8 @@ def test_a_resume_keeps_the_settings_it_changed_on_record(tmp_path, caplog):
                                  "loss.correlation_batch_norm": {"from": "training", "to": "evaluation"}}},
     ]
     assert yaml.safe_load((run / "config.yaml").read_text())["loss"]["correlation_batch_norm"] == "evaluation"
+
+    (run / RESUMES_FILE).write_text("step: 10\n")
+    with pytest.raises(ConfigError, match="resumes.yaml should be a list"):
+        train(tiny_config(tmp_path, "run.name=r", "train.max_steps=50", *common), resume=run)
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 40
