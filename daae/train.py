@@ -146,20 +146,12 @@ def _checkpoint_state(config, nets, optimizers, step, generator_states, run_seco
             "rng": rng}
 
 
-def _changed_model_keys(state: dict, config: Config) -> str:
-    """The model.* keys whose values differ from those the checkpoint was written
-    with, each value as an override would spell it (JSON: false, not False)."""
-    written = state.get("config", {}).get("model", {})
-    now = to_dict(config)["model"]
-    return "; ".join(f"model.{key} is {json.dumps(now[key])} here, "
-                     f"{json.dumps(written[key])} in the checkpoint"
-                     for key in now if key in written and written[key] != now[key])
-
-
-def _restore(state: dict, config: Config, nets, optimizers, generator, accelerator,
+def _restore(state: dict, changes: dict, nets, optimizers, generator, accelerator,
              path) -> tuple[int, float | None]:
     """The step to go on from and the run's training seconds up to it (None
-    from a checkpoint written before daae recorded them)."""
+    from a checkpoint written before daae recorded them). ``changes``: the
+    resume's config changes (``runs.config_changes``), to name the model keys
+    when the weights do not fit."""
     missing = set(optimizers) ^ set(state["optimizers"])
     if missing:
         raise checkpoint.CheckpointError(
@@ -168,7 +160,11 @@ def _restore(state: dict, config: Config, nets, optimizers, generator, accelerat
     try:
         nets.load_state_dict(state["networks"])
     except RuntimeError as exc:
-        changed = _changed_model_keys(state, config)
+        written = state.get("config", {}).get("model", {})
+        # Each value as an override would spell it (JSON: false, not False).
+        changed = "; ".join(f"{key} is {json.dumps(now)} here, {json.dumps(before)} in the checkpoint"
+                            for key, (before, now) in changes.items()
+                            if key.startswith("model.") and key.partition(".")[2] in written)
         if changed:
             raise checkpoint.CheckpointError(
                 f"{path} does not fit this model: {changed}. Resume with the model the run "
@@ -217,9 +213,9 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     ckpt_path = checkpoint.checkpoint_path(run_dir)
     if resume is not None:
         state = checkpoint.load(ckpt_path)
-        step, earlier_seconds = _restore(state, config, nets, optimizers, generator, accelerator,
-                                         ckpt_path)
         changes = config_changes(state.get("config", {}), config)
+        step, earlier_seconds = _restore(state, changes, nets, optimizers, generator, accelerator,
+                                         ckpt_path)
         del state  # the weights are in the networks now; no second copy for the whole run
         log.info("resumed %s at step %d%s", run_dir, step, "".join(
             f"; {key}: {json.dumps(before)} -> {json.dumps(after)}"
