@@ -62,13 +62,17 @@ def _curves(args) -> int:
 
 
 def _summary(args) -> int:
-    from .summary import markdown, summarize
+    from .summary import markdown, markdown_steps, summarize, summarize_steps
 
-    summary = summarize(args.runs)
-    if args.json:
-        sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n")
+    label = args.label or ", ".join(args.runs)
+    if args.at is None and args.between is None:
+        summary = summarize(args.runs)
+        text = markdown(summary, label)
     else:
-        sys.stdout.write(markdown(summary, args.label or ", ".join(args.runs)))
+        windows = [(step, step) for step in args.at] if args.at is not None else [tuple(args.between)]
+        summary = summarize_steps(args.runs, windows)
+        text = markdown_steps(summary, label)
+    sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n" if args.json else text)
     return 0
 
 
@@ -109,10 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     curves.add_argument("--out", required=True, metavar="FILE.png")
     curves.set_defaults(handler=_curves)
 
-    summary = commands.add_parser("summary", help="mean ± std of finished runs (seeds) as a table row")
-    summary.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding metrics.json")
+    summary = commands.add_parser("summary", help="mean ± std of runs (seeds) as a table row: "
+                                                  "finished runs' metrics.json, or validation at steps")
+    summary.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                         help="run folders (holding metrics.json, unless --at or --between)")
     summary.add_argument("--label", default=None, help="the row's name (default: the folders)")
-    summary.add_argument("--json", action="store_true", help="print one JSON object instead")
+    summary.add_argument("--json", action="store_true",
+                         help="print JSON instead (a list with --at or --between)")
+    steps = summary.add_mutually_exclusive_group()
+    steps.add_argument("--at", nargs="+", type=int, metavar="STEP",
+                       help="validation figures from TensorBoard at these steps, one row each "
+                            "(the runs need not be finished)")
+    steps.add_argument("--between", nargs=2, type=int, metavar=("FIRST", "LAST"),
+                       help="each run's mean of its validation evaluations at steps FIRST..LAST")
     summary.set_defaults(handler=_summary)
 
     commands.add_parser("tune", help="Ray Tune search (see `daae tune --help`)", add_help=False)

@@ -9,6 +9,7 @@ labelled by its path relative to --logdir.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,8 @@ def read_scalars(logdir: str | Path, tags) -> dict[str, dict[str, list[tuple[int
     """{run: {tag: [(step, value), ...]}} for every run folder under ``logdir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    # It logs each event file it moves on to at INFO, which the CLI's logging would print.
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)
     logdir = Path(logdir)
     if not logdir.is_dir():
         raise ConfigError(f"--logdir {logdir}: no such folder")

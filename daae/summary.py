@@ -5,6 +5,13 @@ results table reports, read from each run's metrics.json.
 
 Test figures are read only to report: selection happens on validation. The
 mean ± std and the Markdown table are also what a search's arms.md is made of.
+
+With ``--at STEP ...`` or ``--between FIRST LAST`` it reads the validation
+figures that training wrote to TensorBoard at its evaluations instead, so runs
+can be compared at the same step, finished or not:
+
+    daae summary runs/p100/s0 runs/p100/s1 runs/p100/s2 --at 25000 40000
+    daae summary runs/p100/s0 runs/p100/s1 runs/p100/s2 --between 25500 30000
 """
 from __future__ import annotations
 
@@ -84,6 +91,87 @@ def summarize(run_dirs) -> dict:
         mean, std = mean_std(values)
         summary[column] = {"mean": mean, "std": std, "values": values}
     return summary
+
+
+# The selection split's figures that training writes at each evaluation (`run.eval_every`):
+# (column, TensorBoard tag, required). The probes are there only with
+# eval.probes_during_training, so runs without them read "–".
+VALIDATION_COLUMNS = (
+    ("validation accuracy %", "val/accuracy", True),
+    ("validation adversary %", "decorrelation/val/adversary_accuracy", True),
+    ("validation MLP probe %", "decorrelation/val/probe_accuracy", False),
+    ("validation linear probe %", "decorrelation/val/linear_probe_accuracy", False),
+)
+
+
+def _run_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from .curves import read_scalars
+
+    runs = read_scalars(run_dir, [tag for _, tag, _ in VALIDATION_COLUMNS])
+    if len(runs) != 1:
+        raise ConfigError(f"{run_dir} holds the events of {len(runs)} runs ({', '.join(runs)}): "
+                          f"name each run folder")
+    return next(iter(runs.values()))
+
+
+def _window_mean(series, first: int, last: int) -> tuple[float, int] | None:
+    values = [value for step, value in series if first <= step <= last]
+    return (100.0 * statistics.fmean(values), len(values)) if values else None
+
+
+def summarize_steps(run_dirs, windows) -> list[dict]:
+    """For each (first, last) window, each run's mean of its validation
+    evaluations at steps first..last (a single step when they are equal), then
+    mean ± std over the runs: {"runs", "first_step", "last_step", "evaluations"
+    (per run), column: {"mean", "std", "values"}}. Each run's events are read once."""
+    if not run_dirs:
+        raise ConfigError("daae summary needs at least one run folder")
+    for first, last in windows:
+        if first == last and first < 0:
+            raise ConfigError(f"--at {first}: expected a step >= 0")
+        if not 0 <= first <= last:
+            raise ConfigError(f"--between {first} {last}: expected 0 <= FIRST <= LAST")
+    runs = [(Path(run_dir), _run_series(Path(run_dir))) for run_dir in run_dirs]
+    summaries = []
+    for first, last in windows:
+        where = f"step {first}" if first == last else f"steps {first}-{last}"
+        summary = {"runs": len(runs), "first_step": first, "last_step": last, "evaluations": []}
+        for column, tag, required in VALIDATION_COLUMNS:
+            values = []
+            for run_dir, series in runs:
+                found = _window_mean(series.get(tag, []), first, last)
+                if found is None and required:
+                    steps = [step for step, _ in series.get(tag, [])]
+                    span = f"evaluated at steps {steps[0]}-{steps[-1]}" if steps else "never evaluated"
+                    raise ConfigError(f"{run_dir}: no validation evaluation at {where} ({span}; "
+                                      f"run.eval_every sets how often)")
+                if column == VALIDATION_COLUMNS[0][0]:
+                    summary["evaluations"].append(found[1])
+                values.append(None if found is None else found[0])
+            if None in values:
+                summary[column] = {"mean": None, "std": None, "values": []}
+            else:
+                mean, std = mean_std(values)
+                summary[column] = {"mean": mean, "std": std, "values": values}
+        summaries.append(summary)
+    return summaries
+
+
+def markdown_steps(summaries: list[dict], label: str) -> str:
+    """One table row per window: mean ± std (each run's value)."""
+    def cell(stats):
+        if stats["mean"] is None:
+            return "–"
+        each = " / ".join(f"{value:.2f}" for value in stats["values"])
+        return _cell(stats, 2) + (f" ({each})" if len(stats["values"]) > 1 else "")
+
+    rows = []
+    for summary in summaries:
+        first, last = summary["first_step"], summary["last_step"]
+        rows.append({"runs": label, "n": str(summary["runs"]),
+                     "steps": str(first) if first == last else f"{first}-{last}",
+                     **{column: cell(summary[column]) for column, _, _ in VALIDATION_COLUMNS}})
+    return markdown_table(rows, lambda key, value: value)
 
 
 def _cell(stats: dict, decimals) -> str:

@@ -62,3 +62,60 @@ def test_summary_names_an_unfinished_run_and_missing_test_metrics(tmp_path, capl
     no_test = _finished_run(tmp_path / "no_test", 0.9, 0.1, final_test=False)
     assert main(["summary", no_test]) == 2
     assert "no test/accuracy (the run had eval.final_test=false)" in caplog.text
+
+
+def _logged_run(folder, accuracy_by_step, adversary=0.12, probes=True):
+    """A run folder with the validation scalars training writes at each evaluation."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(folder))
+    for step, accuracy in accuracy_by_step.items():
+        writer.add_scalar("val/accuracy", accuracy, step)
+        writer.add_scalar("decorrelation/val/adversary_accuracy", adversary, step)
+        if probes:
+            writer.add_scalar("decorrelation/val/probe_accuracy", 0.15, step)
+            writer.add_scalar("decorrelation/val/linear_probe_accuracy", 0.10, step)
+    writer.close()
+    return str(folder)
+
+
+def test_summary_at_steps_reads_validation_from_unfinished_runs(tmp_path, capsys):
+    runs = [_logged_run(tmp_path / "s0", {100: 0.90, 200: 0.94}, adversary=0.10),
+            _logged_run(tmp_path / "s1", {100: 0.92, 200: 0.98}, adversary=0.14)]
+    assert main(["summary", *runs, "--at", "100", "200", "--json"]) == 0
+    at100, at200 = json.loads(capsys.readouterr().out)
+    assert (at100["first_step"], at100["last_step"], at100["evaluations"]) == (100, 100, [1, 1])
+    assert at100["validation accuracy %"]["values"] == pytest.approx([90.0, 92.0])
+    assert at200["validation accuracy %"]["mean"] == pytest.approx(96.0)
+    assert at200["validation adversary %"]["mean"] == pytest.approx(12.0)
+    assert at200["validation MLP probe %"]["mean"] == pytest.approx(15.0)
+
+    # A run trained without eval.probes_during_training has no probe curves: "–".
+    runs.append(_logged_run(tmp_path / "s2", {100: 0.91, 200: 0.96}, probes=False))
+    assert main(["summary", *runs, "--at", "200", "--label", "P100"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith("| P100 | 3 | 200 | 96.00 ± 2.00 (94.00 / 98.00 / 96.00) |")
+    assert row.endswith("| – | – |")
+
+
+def test_summary_between_averages_each_runs_evaluations_in_the_window(tmp_path, capsys):
+    runs = [_logged_run(tmp_path / "s0", {100: 0.50, 200: 0.90, 300: 0.94, 400: 0.10}),
+            _logged_run(tmp_path / "s1", {200: 0.96, 300: 0.98})]
+    assert main(["summary", *runs, "--between", "150", "350", "--json"]) == 0
+    (window,) = json.loads(capsys.readouterr().out)
+    assert window["evaluations"] == [2, 2]
+    assert window["validation accuracy %"]["values"] == pytest.approx([92.0, 97.0])
+
+
+def test_summary_at_steps_names_what_is_missing(tmp_path, caplog):
+    run = _logged_run(tmp_path / "s0", {1000: 0.9, 2000: 0.95})
+    assert main(["summary", run, "--at", "1500"]) == 2
+    assert "s0: no validation evaluation at step 1500 (evaluated at steps 1000-2000" in caplog.text
+    assert main(["summary", run, "--between", "2500", "3000"]) == 2
+    assert "no validation evaluation at steps 2500-3000" in caplog.text
+    assert main(["summary", run, "--between", "2000", "1000"]) == 2
+    assert "expected 0 <= FIRST <= LAST" in caplog.text
+
+    _logged_run(tmp_path / "s1", {1000: 0.9})
+    assert main(["summary", str(tmp_path), "--at", "1000"]) == 2
+    assert "holds the events of 2 runs (s0, s1): name each run folder" in caplog.text
