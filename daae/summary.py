@@ -85,36 +85,45 @@ def summarize(run_dirs) -> dict:
     summary = {"runs": len(rows)}
     for column, split, name, scale, _ in COLUMNS:
         values = [_value(m, split, name, scale, d / METRICS_FILE) for d, m in rows]
-        if None in values:
-            summary[column] = {"mean": None, "std": None, "values": []}
-            continue
-        mean, std = mean_std(values)
-        summary[column] = {"mean": mean, "std": std, "values": values}
+        summary[column] = _column_stats(values)
     return summary
 
 
+def _column_stats(values) -> dict:
+    """{"mean", "std", "values"} over the runs; all None when a run lacks the figure."""
+    if None in values:
+        return {"mean": None, "std": None, "values": []}
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "values": values}
+
+
 # The selection split's figures that training writes at each evaluation (`run.eval_every`):
-# (column, TensorBoard tag, required). The probes are there only with
+# (column, metric, required). The probes are there only with
 # eval.probes_during_training, so runs without them read "–".
 VALIDATION_COLUMNS = (
-    ("validation accuracy %", "val/accuracy", True),
-    ("validation adversary %", "decorrelation/val/adversary_accuracy", True),
-    ("validation MLP probe %", "decorrelation/val/probe_accuracy", False),
-    ("validation linear probe %", "decorrelation/val/linear_probe_accuracy", False),
+    ("validation accuracy %", "accuracy", True),
+    ("validation adversary %", "adversary_accuracy", True),
+    ("validation MLP probe %", "probe_accuracy", False),
+    ("validation linear probe %", "linear_probe_accuracy", False),
 )
 
 
 def _run_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), ...]} of the run's validation evaluations."""
     from .curves import read_scalars
+    from .evaluate import tensorboard_tags
 
-    runs = read_scalars(run_dir, [tag for _, tag, _ in VALIDATION_COLUMNS])
+    # The trainer's own metric-to-tag mapping, turned around: {tag: metric}.
+    metrics = tensorboard_tags("val", {metric: metric for _, metric, _ in VALIDATION_COLUMNS})
+    runs = read_scalars(run_dir, list(metrics))
     if len(runs) != 1:
         raise ConfigError(f"{run_dir} holds the events of {len(runs)} runs ({', '.join(runs)}): "
                           f"name each run folder")
-    return next(iter(runs.values()))
+    return {metrics[tag]: points for tag, points in next(iter(runs.values())).items()}
 
 
 def _window_mean(series, first: int, last: int) -> tuple[float, int] | None:
+    """100 × the mean of the values at steps first..last, and how many there were."""
     values = [value for step, value in series if first <= step <= last]
     return (100.0 * statistics.fmean(values), len(values)) if values else None
 
@@ -135,24 +144,19 @@ def summarize_steps(run_dirs, windows) -> list[dict]:
     summaries = []
     for first, last in windows:
         where = f"step {first}" if first == last else f"steps {first}-{last}"
-        summary = {"runs": len(runs), "first_step": first, "last_step": last, "evaluations": []}
-        for column, tag, required in VALIDATION_COLUMNS:
-            values = []
-            for run_dir, series in runs:
-                found = _window_mean(series.get(tag, []), first, last)
-                if found is None and required:
-                    steps = [step for step, _ in series.get(tag, [])]
-                    span = f"evaluated at steps {steps[0]}-{steps[-1]}" if steps else "never evaluated"
+        summary = {"runs": len(runs), "first_step": first, "last_step": last}
+        for column, metric, required in VALIDATION_COLUMNS:
+            found = [_window_mean(series.get(metric, []), first, last) for _, series in runs]
+            for (run_dir, series), read in zip(runs, found):
+                if read is None and required:
+                    steps = [step for step, _ in series.get(metric, [])]
+                    span = (f"evaluated at steps {steps[0]}-{steps[-1]}" if steps
+                            else "never evaluated")
                     raise ConfigError(f"{run_dir}: no validation evaluation at {where} ({span}; "
                                       f"run.eval_every sets how often)")
-                if column == VALIDATION_COLUMNS[0][0]:
-                    summary["evaluations"].append(found[1])
-                values.append(None if found is None else found[0])
-            if None in values:
-                summary[column] = {"mean": None, "std": None, "values": []}
-            else:
-                mean, std = mean_std(values)
-                summary[column] = {"mean": mean, "std": std, "values": values}
+            if metric == "accuracy":
+                summary["evaluations"] = [count for _, count in found]
+            summary[column] = _column_stats([None if read is None else read[0] for read in found])
         summaries.append(summary)
     return summaries
 
@@ -170,7 +174,7 @@ def markdown_steps(summaries: list[dict], label: str) -> str:
         first, last = summary["first_step"], summary["last_step"]
         rows.append({"runs": label, "n": str(summary["runs"]),
                      "steps": str(first) if first == last else f"{first}-{last}",
-                     **{column: cell(summary[column]) for column, _, _ in VALIDATION_COLUMNS}})
+                     **{column: cell(summary[column]) for column, *_ in VALIDATION_COLUMNS}})
     return markdown_table(rows, lambda key, value: value)
 
 
