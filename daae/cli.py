@@ -36,7 +36,7 @@ def _eval(args) -> int:
     from .evaluate import evaluate_run
 
     metrics = evaluate_run(args.checkpoint, split=args.split, overrides=args.overrides,
-                           device=args.device)
+                           device=args.device, class_whitened=args.class_whitened)
     if args.json:
         sys.stdout.write(json.dumps(metrics, sort_keys=True) + "\n")
     else:
@@ -49,7 +49,7 @@ def _sample(args) -> int:
     from .sample import write_sample
 
     path = write_sample(args.checkpoint, kind=args.kind, n=args.n, seed=args.seed, out=args.out,
-                        device=args.device)
+                        device=args.device, class_whitened=args.class_whitened)
     log.info("wrote %s", path)
     return 0
 
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("test", "validation"), default="test")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
+    evaluate.add_argument("--class-whitened", action="store_true",
+                          help="read z whitened within its predicted class (post hoc; no adversary figure)")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value",
                           help="overrides of the run's config, e.g. eval.probe_epochs=5")
     evaluate.set_defaults(handler=_eval)
@@ -102,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=8, help="rows of the grid")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", required=True, metavar="FILE.png")
+    sample.add_argument("--class-whitened", action="store_true",
+                        help="z whitened within its predicted class, as daae eval --class-whitened")
     sample.add_argument("--device", default=None)
     sample.set_defaults(handler=_sample)
 

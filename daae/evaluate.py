@@ -214,20 +214,29 @@ def tensorboard_tags(split_name: str, metrics: dict[str, float]) -> dict[str, fl
 
 
 def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device=None,
-                 generation: bool = True) -> dict:
+                 generation: bool = True, class_whitened: bool = False) -> dict:
     """``daae eval``: the metrics of a run folder's last checkpoint on one split,
     probes included, as flat keys. ``generation=False`` skips the generation
-    checks, whose checker takes minutes to train the first time."""
+    checks, whose checker takes minutes to train the first time.
+    ``class_whitened`` reads every metric on z whitened within its predicted
+    class (``daae.whitening``, fitted on the training images' codes) and leaves
+    out the adversary, which was trained on the raw codes."""
     from .consistency import generation_consistency
     from .runs import load_trained_run
+    from .whitening import whiten_networks
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run = load_trained_run(run_dir, device, overrides)
     data = run.data
     target = data.test if split == "test" else data.validation
+    if class_whitened:
+        whiten_networks(run.nets, data.train_images(), run.config.eval.batch_size, device)
     probes = fit_probes(run.nets, data.train_images(), run.config.eval, data.num_classes, device,
                         run.config.seed)
     metrics = evaluate(run.nets, target, data.labelled, run.config.eval, data.num_classes, device, probes)
+    if class_whitened:
+        del metrics["adversary_accuracy"]
+        metrics["class_whitened"] = True
     flat = {f"{split}_accuracy" if key == "accuracy" else key: value for key, value in metrics.items()}
     if generation:
         flat.update(generation_consistency(run.nets, data, run.config, device))

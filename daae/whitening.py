@@ -1,0 +1,102 @@
+"""z re-expressed within its predicted class: post-hoc class-conditional whitening.
+
+What the probes still read of the class in a trained run's z lies mostly in each
+class's mean and covariance of the codes (docs/results.md, *Whitened within the
+predicted class*). Subtracting the predicted class's mean and applying the inverse
+of its covariance's Cholesky factor gives every class the same first two moments;
+the decoder is given the class, so it undoes the map exactly and reconstructions do
+not change. Nothing is trained: the statistics come from the codes of the training
+images, and the adversary C, trained on the raw codes, does not apply to these.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+from .data import ImageSet
+from .evaluate import encode
+from .models import Networks
+
+
+class WhiteningError(ConfigError):
+    """The codes cannot be whitened (a class too rare, or flat); ``daae`` exits 2 with it."""
+
+
+class ClassWhitening(nn.Module):
+    """Per-class mean and Cholesky factor of the codes; class ``c``'s codes map
+    to ``L_c^-1 (z - mean_c)`` and back."""
+
+    def __init__(self, mean: torch.Tensor, cholesky: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("cholesky", cholesky)
+
+    @classmethod
+    def fit(cls, z: torch.Tensor, classes: torch.Tensor, num_classes: int) -> "ClassWhitening":
+        z = z.double()
+        z_dim = z.shape[1]
+        means, factors = [], []
+        for c in range(num_classes):
+            codes = z[classes == c]
+            if len(codes) <= z_dim:
+                raise WhiteningError(
+                    f"class {c} is predicted for {len(codes)} of {len(z)} images, too few to estimate "
+                    f"a {z_dim}-dimensional covariance (needs more than {z_dim}): whiten a run whose "
+                    f"y head predicts every class, on more images")
+            means.append(codes.mean(0))
+            factor, info = torch.linalg.cholesky_ex(torch.cov(codes.T).reshape(z_dim, z_dim))
+            if info:
+                raise WhiteningError(f"the codes predicted as class {c} have a singular covariance "
+                                 f"(they span fewer than {z_dim} dimensions), so they cannot be whitened")
+            factors.append(factor)
+        return cls(torch.stack(means).float(), torch.stack(factors).float())
+
+    def whiten(self, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        centred = (z.float() - self.mean[classes]).unsqueeze(-1)
+        return torch.linalg.solve_triangular(self.cholesky[classes], centred, upper=False).squeeze(-1)
+
+    def unwhiten(self, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return (self.cholesky[classes] @ z.float().unsqueeze(-1)).squeeze(-1) + self.mean[classes]
+
+
+class WhitenedEncoder(nn.Module):
+    def __init__(self, encoder: nn.Module, whitening: ClassWhitening):
+        super().__init__()
+        self.encoder, self.whitening = encoder, whitening
+
+    def forward(self, x):
+        logits_y, z = self.encoder(x)
+        return logits_y, self.whitening.whiten(z, logits_y.argmax(1))
+
+    def __getattr__(self, name):
+        # Readers that look inside the encoder (the sample grids size z from
+        # its z head) see the wrapped one's parts.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.encoder, name)
+
+
+class WhitenedDecoder(nn.Module):
+    """The decoder on whitened codes; the class to unwhiten with is y's argmax,
+    the encoder's prediction when y is q(y|x), the class asked for when one-hot."""
+
+    def __init__(self, decoder: nn.Module, whitening: ClassWhitening):
+        super().__init__()
+        self.decoder, self.whitening = decoder, whitening
+
+    def forward(self, y, z):
+        return self.decoder(y, self.whitening.unwhiten(z, y.argmax(1)).to(z.dtype))
+
+
+def whiten_networks(nets: Networks, images: ImageSet, batch_size: int, device) -> ClassWhitening:
+    """Fit the whitening on the codes of ``images`` and wrap ``nets``' encoder and
+    decoder in place, so every reader of z (evaluation, probes, generation) sees
+    the whitened codes. Returns the fitted whitening."""
+    encoded = encode(nets, images.images, batch_size, device)
+    whitening = ClassWhitening.fit(encoded.z, encoded.logits_y.argmax(1),
+                                   encoded.logits_y.shape[1]).to(device)
+    nets.encoder = WhitenedEncoder(nets.encoder, whitening)
+    nets.decoder = WhitenedDecoder(nets.decoder, whitening)
+    return whitening
