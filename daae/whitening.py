@@ -1,8 +1,8 @@
 """z re-expressed within its predicted class: post-hoc class-conditional whitening.
 
-What the probes still read of the class in a trained run's z lies mostly in each
-class's mean and covariance of the codes (docs/results.md, *Whitened within the
-predicted class*). Subtracting the predicted class's mean and applying the inverse
+What the probes still read of the class in a trained run's z can lie mostly in
+each class's mean and covariance of the codes (P100 at 150 epochs; not at 40:
+docs/results.md, *Whitened within the predicted class*). Subtracting the predicted class's mean and applying the inverse
 of its covariance's Cholesky factor gives every class the same first two moments;
 the decoder is given the class, so it undoes the map exactly and reconstructions do
 not change. Nothing is trained: the statistics come from the codes of the training
