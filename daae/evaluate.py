@@ -229,9 +229,10 @@ def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device
     run = load_trained_run(run_dir, device, overrides)
     data = run.data
     target = data.test if split == "test" else data.validation
+    train_images = data.train_images()
     if class_whitened:
-        whiten_networks(run.nets, data.train_images(), run.config.eval.batch_size, device)
-    probes = fit_probes(run.nets, data.train_images(), run.config.eval, data.num_classes, device,
+        whiten_networks(run.nets, train_images, run.config.eval.batch_size, device)
+    probes = fit_probes(run.nets, train_images, run.config.eval, data.num_classes, device,
                         run.config.seed)
     metrics = evaluate(run.nets, target, data.labelled, run.config.eval, data.num_classes, device, probes)
     if class_whitened:

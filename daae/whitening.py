@@ -2,10 +2,10 @@
 
 What the probes still read of the class in a trained run's z can lie mostly in
 each class's mean and covariance of the codes (P100 at 150 epochs; not at 40:
-docs/results.md, *Whitened within the predicted class*). Subtracting the predicted class's mean and applying the inverse
-of its covariance's Cholesky factor gives every class the same first two moments;
-the decoder is given the class, so it undoes the map exactly and reconstructions do
-not change. Nothing is trained: the statistics come from the codes of the training
+docs/results.md, *Whitened within the predicted class*). Subtracting the
+predicted class's mean and applying the inverse of its covariance's Cholesky
+factor gives every class the same first two moments; the decoder is given the
+class, so it undoes the map exactly and reconstructions do not change. Nothing is trained: the statistics come from the codes of the training
 images, and the adversary C, trained on the raw codes, does not apply to these.
 """
 from __future__ import annotations
@@ -48,7 +48,8 @@ class ClassWhitening(nn.Module):
             factor, info = torch.linalg.cholesky_ex(torch.cov(codes.T).reshape(z_dim, z_dim))
             if info:
                 raise WhiteningError(f"the codes predicted as class {c} have a singular covariance "
-                                 f"(they span fewer than {z_dim} dimensions), so they cannot be whitened")
+                                     f"(they span fewer than {z_dim} dimensions), so they cannot be "
+                                     f"whitened")
             factors.append(factor)
         return cls(torch.stack(means).float(), torch.stack(factors).float())
 

@@ -49,7 +49,8 @@ def test_a_class_too_rare_to_estimate_its_covariance_is_named():
         ClassWhitening.fit(z, classes, 4)
 
 
-def test_eval_class_whitened_reconstructs_as_before_and_reports_all_but_the_adversary(tmp_path, capsys, monkeypatch):
+def test_class_whitened_eval_reconstructs_as_before_without_the_adversary(tmp_path, capsys,
+                                                                          monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert main(["train", "--config", str(SMOKE), f"run.dir={tmp_path}", "run.name=r",
                  "train.max_steps=40", "run.progress_bar=false", "eval.final_test=false",
