@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from .dependence import class_rows, normalised_hsic
 from .phases import (StepContext, batch_norm_as, consistency_loss, correlation_loss,
                      correlation_targets, decorrelation_loss, fooled_bce, reads_clean_images,
-                     real_fake_bce, real_fake_logits, virtual_adversarial_perturbation)
+                     real_fake_bce, real_fake_logits, track_class_whitening,
+                     virtual_adversarial_perturbation)
 
 
 def _fooling_gradient(critic_input_grad: torch.Tensor, fake_logits: torch.Tensor,
@@ -88,10 +89,10 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     logits_clean, z_clean = logits_all[clean_rows].float(), z_all[clean_rows].float()
     logits_perturbed = logits_all[n + n_l + n_clean:].float()
     q = logits_y.softmax(1)
+    training_rows = inputs[0][:n]  # the noise the training forward saw
+    rows = (training_rows if correlation_input == "training" else x_clean
+            if correlation_input == "clean" else torch.cat([training_rows, x_clean]))
     if evaluation_codes:
-        training_rows = inputs[0][:n]  # the noise the training forward saw
-        rows = (training_rows if correlation_input == "training" else x_clean
-                if correlation_input == "clean" else torch.cat([training_rows, x_clean]))
         encoder = ctx.plain.encoder
         with batch_norm_as(encoder, "evaluation"), ctx.accelerator.autocast():
             logits_c_input, z_c_input = encoder(rows)
@@ -103,6 +104,7 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     else:
         logits_c_input, z_c_input = torch.cat([logits_y, logits_clean]), torch.cat([z, z_clean])
     targets = correlation_targets(logits_c_input, weights.correlation_target)
+    track_class_whitening(ctx, rows, (logits_c_input, z_c_input) if evaluation_codes else None)
 
     z_at_dz, q_at_dy, z_at_c = (code.detach().requires_grad_() for code in (z, q, z_c_input))
     real_z, (real_y, counts_y) = ctx.prior_z(n, z.device), ctx.prior_y(n, z.device)

@@ -22,20 +22,92 @@ def _conv_sizes(size: int, count: int) -> list[int]:
     return sizes
 
 
+class RunningClassWhitening(nn.Module):
+    """z re-expressed within its predicted class, as a layer: class ``c``'s codes
+    map to ``L_c^-1 (z - mean_c)``, with ``L_c`` the Cholesky factor of the
+    class's covariance, both running averages (buffers: gradients pass through
+    z only). Every class then holds the same first two moments in every reader
+    of z (C, D_z, the decoder, the probes), so C and the decorrelation work on
+    what those moments cannot tell apart.
+
+    The forward never moves the statistics: the training step hands
+    ``track`` the codes they should describe, C's rows encoded as evaluation
+    encodes them. Statistics of every row of the training forward (shifted,
+    noisy, perturbed) left a class-wise offset in the unaltered images'
+    codes, and those of its batch-statistics codes of the unaltered images
+    one in their evaluation codes, each amplified by the whitening and read
+    by the probes (docs/results.md, *Whitened in training*)."""
+
+    def __init__(self, num_classes: int, z_dim: int, momentum: float = 0.01, eps: float = 1e-5):
+        super().__init__()
+        # A slow average: a batch holds about a tenth of its rows per class.
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(num_classes, z_dim))
+        self.register_buffer("running_cov", torch.eye(z_dim).repeat(num_classes, 1, 1))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def factors(self) -> torch.Tensor:
+        eye = torch.eye(self.running_cov.shape[1], device=self.running_cov.device)
+        # cholesky_ex: no host sync for its error check (a running average of
+        # covariances plus eps is positive definite).
+        return torch.linalg.cholesky_ex(self.running_cov + self.eps * eye).L
+
+    def inverse_factors(self) -> torch.Tensor:
+        factor = self.factors()
+        eye = torch.eye(factor.shape[1], device=factor.device).expand_as(factor)
+        return torch.linalg.solve_triangular(factor, eye, upper=False)
+
+    def forward(self, z: torch.Tensor, logits_y: torch.Tensor) -> torch.Tensor:
+        classes = logits_y.detach().argmax(1)
+        centred = z - self.running_mean[classes].to(z.dtype)
+        return torch.einsum("bij,bj->bi", self.inverse_factors()[classes].to(z.dtype), centred)
+
+    @torch.no_grad()
+    def track(self, whitened: torch.Tensor, logits_y: torch.Tensor) -> None:
+        """Move the statistics toward those of a batch of this layer's outputs
+        (unwhitened first, by the statistics that whitened them). No
+        data-dependent branch or host sync (one-hot by scatter: F.one_hot
+        reads the indices' range back), so compiled and CUDA-graphed steps can
+        hold it; fp32 under autocast. A class with under two rows keeps its
+        statistics."""
+        classes = logits_y.detach().argmax(1)
+        with torch.autocast(whitened.device.type, enabled=False):
+            z = (torch.einsum("bij,bj->bi", self.factors()[classes], whitened.detach().float())
+                 + self.running_mean[classes])
+            rows = torch.zeros(len(z), self.running_mean.shape[0], device=z.device)
+            rows.scatter_(1, classes[:, None], 1.0)
+            counts = rows.sum(0)
+            means = (rows.T @ z) / counts.clamp(min=1)[:, None]
+            centred = z - means[classes]
+            scatter = torch.einsum("bk,bi,bj->kij", rows, centred, centred)
+            covs = scatter / (counts - 1).clamp(min=1)[:, None, None]
+            rate = self.momentum * (counts >= 2).float()
+            self.running_mean.add_(rate[:, None] * (means - self.running_mean))
+            self.running_cov.add_(rate[:, None, None] * (covs - self.running_cov))
+            self.num_batches_tracked.add_(1)
+
+
 class Encoder(nn.Module):
     """x -> (logits of q(y|x), z). ``trunk`` is shared; the two heads are separate
-    so that phases can update trunk + one head."""
+    so that phases can update trunk + one head. ``class_whitening`` puts a
+    RunningClassWhitening after the z head."""
 
-    def __init__(self, trunk: nn.Module, features: int, num_classes: int, z_dim: int):
+    def __init__(self, trunk: nn.Module, features: int, num_classes: int, z_dim: int,
+                 class_whitening: bool = False):
         super().__init__()
         self.trunk = trunk
         self.y_head = nn.Linear(features, num_classes)
         # Batch norm on z keeps its scale near the N(0, I) prior from the start.
         self.z_head = nn.Sequential(nn.Linear(features, z_dim, bias=False), nn.BatchNorm1d(z_dim))
+        # None, not Identity: its forward takes the class as well.
+        self.z_whitening = RunningClassWhitening(num_classes, z_dim) if class_whitening else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.trunk(x)
-        return self.y_head(h), self.z_head(h)
+        logits_y, z = self.y_head(h), self.z_head(h)
+        if self.z_whitening is not None:
+            z = self.z_whitening(z, logits_y)
+        return logits_y, z
 
     def y_branch_parameters(self):
         return [*self.trunk.parameters(), *self.y_head.parameters()]
@@ -149,7 +221,8 @@ class ConvDecoderBody(nn.Module):
 
 
 def build_autoencoder(kind: str, image_shape: tuple[int, int, int], num_classes: int,
-                      z_dim: int, scale: float) -> tuple[Encoder, Decoder]:
+                      z_dim: int, scale: float,
+                      class_whitening: bool = False) -> tuple[Encoder, Decoder]:
     if kind == "mlp":
         hidden = max(1, round(1000 * scale))
         trunk, features = MLPEncoderTrunk(image_shape, hidden), hidden
@@ -161,7 +234,7 @@ def build_autoencoder(kind: str, image_shape: tuple[int, int, int], num_classes:
         body = ConvDecoderBody(num_classes + z_dim, image_shape, scale)
     else:
         raise ValueError(f"model kind must be 'mlp' or 'conv', got {kind!r}")
-    return Encoder(trunk, features, num_classes, z_dim), Decoder(body)
+    return Encoder(trunk, features, num_classes, z_dim, class_whitening), Decoder(body)
 
 
 class Critic(nn.Module):
@@ -208,13 +281,16 @@ class Networks(nn.Module):
     """All five networks under one module, for state dicts and parameter counts.
     ``correlation_classifiers`` above 1 makes C a CriticEnsemble; one C stays a
     plain Critic, so the state dicts of runs from before ensembles still load.
-    ``class_conditional_prior`` widens D_z's input by one column per class."""
+    ``class_conditional_prior`` widens D_z's input by one column per class;
+    ``class_whitening`` ends the encoder with a RunningClassWhitening."""
 
     def __init__(self, kind: str, image_shape: tuple[int, int, int], num_classes: int,
                  z_dim: int, scale: float, adversary_hidden: int, correlation_classifiers: int = 1,
-                 correlation_standardised: bool = False, class_conditional_prior: bool = False):
+                 correlation_standardised: bool = False, class_conditional_prior: bool = False,
+                 class_whitening: bool = False):
         super().__init__()
-        self.encoder, self.decoder = build_autoencoder(kind, image_shape, num_classes, z_dim, scale)
+        self.encoder, self.decoder = build_autoencoder(kind, image_shape, num_classes, z_dim, scale,
+                                                       class_whitening)
         self.d_z = Critic(z_dim + (num_classes if class_conditional_prior else 0), 1, adversary_hidden)
         self.d_y = Critic(num_classes, 1, adversary_hidden)
         self.correlation = (Critic(z_dim, num_classes, adversary_hidden, correlation_standardised)

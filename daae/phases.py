@@ -230,6 +230,22 @@ def batch_norm_as(module: nn.Module, mode: str):
             m.train()
 
 
+def track_class_whitening(ctx: StepContext, rows: torch.Tensor, evaluation_codes=None) -> None:
+    """With model.class_whitening, C's rows of this step, encoded as evaluation
+    encodes them (batch norms on their running averages, as the probes read
+    z), move the encoder's per-class statistics. ``evaluation_codes``:
+    ``(logits_y, z)`` of those rows when the step has them already."""
+    whitening = ctx.plain.encoder.z_whitening
+    if whitening is None:
+        return
+    if evaluation_codes is None:
+        with (torch.no_grad(), batch_norm_as(ctx.plain.encoder, "evaluation"),
+              ctx.accelerator.autocast()):
+            evaluation_codes = ctx.plain.encoder(rows)
+    logits_y, z = evaluation_codes
+    whitening.track(z, logits_y)
+
+
 def virtual_adversarial_perturbation(ctx: StepContext, x: torch.Tensor,
                                      epsilon: float) -> torch.Tensor:
     """VAT's r_adv (Miyato et al. 2018): per image, the perturbation of L2 norm
@@ -329,6 +345,7 @@ def correlation_phase(ctx: StepContext, optimizer, rows: torch.Tensor, target_ki
                       batch_norm: str = "training"):
     with torch.no_grad(), ctx.accelerator.autocast(), batch_norm_as(ctx.plain.encoder, batch_norm):
         logits_y, z = ctx.plain.encoder(rows)
+    track_class_whitening(ctx, rows, (logits_y, z) if batch_norm == "evaluation" else None)
     targets = correlation_targets(logits_y, target_kind)
     with ctx.accelerator.autocast():
         logits_c = ctx.wrapped["correlation"](z.float())

@@ -25,7 +25,8 @@ def build_networks(config: Config, image_shape: tuple[int, int, int], num_classe
     model = config.model
     return Networks(model.kind, image_shape, num_classes, model.z_dim, model.scale,
                     model.adversary_hidden, model.correlation_classifiers,
-                    model.correlation_standardised, model.class_conditional_prior)
+                    model.correlation_standardised, model.class_conditional_prior,
+                    model.class_whitening)
 
 
 def new_run_dir(config: Config) -> Path:

@@ -1,5 +1,6 @@
 """The conv model's speed levers change how it computes, never what; C's
-standardised input reads codes as the probes do."""
+standardised input reads codes as the probes do; the encoder's class
+whitening gives every predicted class the same first two moments."""
 import copy
 
 import pytest
@@ -8,7 +9,7 @@ from torch import nn
 
 from daae import phases
 from daae.data import load_data
-from daae.models import CentreTapConv2d, CentreTapConvTranspose2d, Networks
+from daae.models import CentreTapConv2d, CentreTapConvTranspose2d, Networks, RunningClassWhitening
 from daae.prepare import make_accelerator, prepare_training
 
 from conftest import first_gradients_and_losses, gradients, tiny_config
@@ -131,3 +132,43 @@ def test_channels_last_layout_trains_like_the_default_one(tmp_path, step_mode):
     for nchw_step, nhwc_step in zip(nchw_losses, nhwc_losses):
         for name in nchw_step:
             assert nhwc_step[name] == pytest.approx(nchw_step[name], rel=tolerance), name
+
+
+def test_class_whitening_gives_each_predicted_class_zero_mean_and_unit_covariance():
+    generator = torch.Generator().manual_seed(0)
+    classes = torch.arange(3).repeat_interleave(400)
+    mixing = torch.randn(3, 2, 2, generator=generator)
+    z = (torch.einsum("kij,bj->bi", mixing[classes], torch.randn(1200, 2, generator=generator))
+         + 5 * torch.randn(3, 2, generator=generator)[classes]).requires_grad_()
+    logits = torch.nn.functional.one_hot(classes, 3).float()
+    whitening = RunningClassWhitening(3, 2, momentum=1.0)  # one batch sets the statistics
+    whitening.running_mean.fill_(0.3)
+    whitening.running_cov.mul_(2.0)
+
+    # The forward leaves the statistics; track reads its outputs, unwhitens them
+    # by the statistics that whitened them, and moves the statistics to theirs.
+    state = copy.deepcopy(whitening.state_dict())
+    before = whitening(z, logits)
+    for name, value in whitening.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    whitening.track(before, logits)
+    whitened = whitening(z, logits)
+    for c in range(3):
+        rows = whitened[classes == c].detach()
+        torch.testing.assert_close(rows.mean(0), torch.zeros(2), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.cov(rows.T), torch.eye(2), atol=1e-3, rtol=0)
+    # Gradients reach z through the class's fixed linear map, not the statistics.
+    (grad,) = torch.autograd.grad(whitened[0].sum(), z)
+    torch.testing.assert_close(grad[0], whitening.inverse_factors()[0].sum(0))
+    assert grad[1:].abs().sum() == 0
+
+
+def test_class_whitening_keeps_a_class_it_sees_too_rarely_as_it_was():
+    whitening = RunningClassWhitening(3, 2, momentum=0.5)
+    classes = torch.tensor([0, 0, 0, 1])  # class 1 once, class 2 never
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(1)) + 3
+    whitening.track(z, torch.nn.functional.one_hot(classes, 3).float())
+    assert whitening.running_mean[0].abs().sum() > 0
+    assert torch.equal(whitening.running_mean[1:], torch.zeros(2, 2))
+    assert torch.equal(whitening.running_cov[1:], torch.eye(2).repeat(2, 1, 1))
+    assert torch.isfinite(whitening.inverse_factors()).all()

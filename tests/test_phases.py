@@ -105,9 +105,9 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
     n_clean = len(x_clean) if clean_in_batch else 0
     logits_clean, z_clean = logits_all[n + n_l:n + n_l + n_clean], z_all[n + n_l:n + n_l + n_clean]
     q = logits_y.softmax(1)
+    rows = {"training": lambda: training_rows, "clean": lambda: x_clean,
+            "both": lambda: torch.cat([training_rows, x_clean])}[weights.correlation_input]()
     if evaluation_codes:
-        rows = {"training": lambda: training_rows, "clean": lambda: x_clean,
-                "both": lambda: torch.cat([training_rows, x_clean])}[weights.correlation_input]()
         nets.encoder.eval()
         logits_c_input, z_c_input = nets.encoder(rows)
         nets.encoder.train()
@@ -116,6 +116,13 @@ def _explicit_gradients(nets, ctx_generator_state, ctx, x_u, x_l, y_l, weights, 
             "training": (logits_y, z), "clean": (logits_clean, z_clean),
             "both": (torch.cat([logits_y, logits_clean]), torch.cat([z, z_clean]))}[weights.correlation_input]
     targets = logits_c_input.softmax(1).detach()
+    if nets.encoder.z_whitening is not None:
+        # The statistics follow C's rows as evaluation encodes them.
+        nets.encoder.eval()
+        with torch.no_grad():
+            logits_e, z_e = nets.encoder(rows)
+        nets.encoder.train()
+        nets.encoder.z_whitening.track(z_e, logits_e)
     prior_z = torch.randn(n, ctx.z_dim, generator=generator)
     labels = torch.randint(ctx.num_classes, (n,), generator=generator)
     prior_y = F.one_hot(labels, ctx.num_classes).float()
@@ -200,6 +207,16 @@ def test_fused_step_gradients_with_c_reading_evaluation_codes(tmp_path, objectiv
                            "loss.correlation_batch_norm=evaluation")
 
 
+@pytest.mark.parametrize("objective,correlation_input,terms,overrides", [
+    ("maximize_ce", "training", (0, 0, 0), ()), ("uniform", "clean", (1.7, 0.8, 2.3), ()),
+    ("uniform", "clean", (1.7, 0.8, 2.3), ("loss.correlation_batch_norm=evaluation",))])
+def test_fused_step_gradients_with_class_whitening(tmp_path, objective, correlation_input, terms,
+                                                   overrides):
+    # The whitening's statistics move once, by C's rows as evaluation encodes them.
+    _check_fused_gradients(tmp_path, objective, correlation_input, *terms,
+                           "model.class_whitening=true", *overrides)
+
+
 def _check_fused_gradients(tmp_path, objective, correlation_input, consistency, vat, independence,
                            *model_overrides):
     config = tiny_config(tmp_path, "train.step_mode=fused", f"loss.decorrelation_objective={objective}",
@@ -217,6 +234,12 @@ def _check_fused_gradients(tmp_path, objective, correlation_input, consistency, 
     x_clean = data.unlabelled.images[32:64].float() / 255 if needs_clean else None
     if config.loss.correlation_batch_norm == "evaluation":
         _settle_running_averages(setup.nets.encoder, data.unlabelled.images[64:128].float() / 255)
+    whitening = setup.nets.encoder.z_whitening
+    if whitening is not None:  # statistics far from the identity map, so the map shows
+        generator = torch.Generator().manual_seed(2)
+        whitening.running_mean.copy_(torch.randn(whitening.running_mean.shape, generator=generator))
+        spread = torch.randn(whitening.running_cov.shape, generator=generator)
+        whitening.running_cov.copy_(spread @ spread.transpose(1, 2) + torch.eye(spread.shape[1]))
     before = copy.deepcopy(setup.nets)
     state = setup.generator.get_state()
 
@@ -318,6 +341,31 @@ def test_reference_z_branch_phases_encode_clean_images_without_noise(tmp_path, c
         torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
     for param in setup.nets.encoder.y_head.parameters():
         assert param.grad is None or not param.grad.any()
+
+
+@pytest.mark.parametrize("correlation_input", ["training", "clean"])
+def test_reference_correlation_phase_moves_the_class_whitening_by_cs_evaluation_codes(
+        tmp_path, correlation_input):
+    config = tiny_config(tmp_path, "model.class_whitening=true")
+    data = load_data(config.data, config.seed)
+    setup = prepare_training(config, make_accelerator("no"), data)
+    x, x_clean = (data.unlabelled.images[i:i + 32].float() / 255 for i in (0, 32))
+    rows = phases.correlation_rows(setup.ctx, x, x_clean, correlation_input)
+    before = copy.deepcopy(setup.nets)
+
+    phases.correlation_phase(setup.ctx, setup.optimizers["correlation"], rows, "soft")
+
+    # C's rows as evaluation encodes them, by the running averages that C's
+    # own forward (batch statistics) left.
+    with torch.no_grad():
+        before.encoder(rows)
+        logits_y, z = before.encoder.eval()(rows)
+    before.encoder.z_whitening.track(z, logits_y)
+    whitening = setup.nets.encoder.z_whitening
+    assert whitening.num_batches_tracked == 1
+    for name, buffer in before.encoder.z_whitening.named_buffers():
+        torch.testing.assert_close(getattr(whitening, name), buffer, msg=name)
+    assert not torch.equal(whitening.running_mean, torch.zeros_like(whitening.running_mean))
 
 
 @pytest.mark.parametrize("phase", ["correlation", "decorrelation", "independence"])

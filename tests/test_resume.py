@@ -37,19 +37,21 @@ def test_resume_from_a_folder_without_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_resuming_with_another_model_names_the_changed_key(tmp_path):
-    """An ensemble of correlation classifiers reading standardised codes resumes
-    to the same weights and running statistics as a run never stopped; a changed
+    """An ensemble of correlation classifiers reading standardised codes, beside
+    class-whitened codes, resumes to the same weights and running statistics as
+    a run never stopped; a changed
     model is refused, naming the key and both values."""
     import pytest
 
     common = ("eval.final_test=false", "eval.probe_epochs=1", "run.checkpoint_every=10",
               "model.correlation_classifiers=2", "model.correlation_standardised=true",
-              "train.step_mode=fused")
+              "model.class_whitening=true", "train.step_mode=fused")
     train(tiny_config(tmp_path, "run.name=straight", "train.max_steps=20", *common))
     train(tiny_config(tmp_path, "run.name=r", "train.max_steps=10", *common))
     train(tiny_config(tmp_path, "run.name=r", "train.max_steps=20", *common), resume=tmp_path / "r")
     a, b = _parameters(tmp_path / "straight"), _parameters(tmp_path / "r")
-    assert {"correlation.members.1.net.0.weight", "correlation.members.1.input_norm.running_var"} <= a.keys()
+    assert {"correlation.members.1.net.0.weight", "correlation.members.1.input_norm.running_var",
+            "encoder.z_whitening.running_cov"} <= a.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
     with pytest.raises(checkpoint.CheckpointError,
@@ -66,6 +68,11 @@ def test_resuming_with_another_model_names_the_changed_key(tmp_path):
                        match=r"model\.class_conditional_prior is true here, false in the checkpoint"):
         train(tiny_config(tmp_path, "run.name=r", "train.max_steps=30", *common,
                           "model.class_conditional_prior=true"),
+              resume=tmp_path / "r")
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"model\.class_whitening is false here, true in the checkpoint"):
+        train(tiny_config(tmp_path, "run.name=r", "train.max_steps=30", *common,
+                          "model.class_whitening=false"),
               resume=tmp_path / "r")
 
 
