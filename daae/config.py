@@ -70,13 +70,13 @@ class ModelConfig:
     # the probes read, so the shipped configs leave it off (docs/results.md
     # "D_z sees the class").
     class_conditional_prior: bool = False
-    # z whitened within its predicted class inside the encoder (a running
-    # mean and covariance per class, of C's rows as evaluation encodes them;
-    # daae.models.RunningClassWhitening), so C, D_z, the decoder and the
-    # probes all read codes whose class-wise first two moments match; `daae
-    # eval --class-whitened` does the same after training. It raised the
-    # probes with 100 labels (docs/results.md "Whitened in training"), so the
-    # shipped configs leave it off.
+    # z whitened within its predicted class inside the encoder, by a running
+    # mean and covariance per class of C's rows as evaluation encodes them
+    # (daae.models.RunningClassWhitening): the codes the probes read then
+    # have matched class-wise first two moments, as `daae eval
+    # --class-whitened` gives them after training. It raised the adversary
+    # and the probes with 100 labels (docs/results.md "Whitened in
+    # training"), so the shipped configs leave it off.
     class_whitening: bool = False
     input_noise: float = 0.3
 

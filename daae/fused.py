@@ -89,9 +89,11 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     logits_clean, z_clean = logits_all[clean_rows].float(), z_all[clean_rows].float()
     logits_perturbed = logits_all[n + n_l + n_clean:].float()
     q = logits_y.softmax(1)
-    training_rows = inputs[0][:n]  # the noise the training forward saw
-    rows = (training_rows if correlation_input == "training" else x_clean
-            if correlation_input == "clean" else torch.cat([training_rows, x_clean]))
+    rows = None
+    if evaluation_codes or ctx.plain.encoder.z_whitening is not None:
+        training_rows = inputs[0][:n]  # the noise the training forward saw
+        rows = (training_rows if correlation_input == "training" else x_clean
+                if correlation_input == "clean" else torch.cat([training_rows, x_clean]))
     if evaluation_codes:
         encoder = ctx.plain.encoder
         with batch_norm_as(encoder, "evaluation"), ctx.accelerator.autocast():

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dependence import class_rows
+
 CONV_CHANNELS = (16, 16, 32, 32, 64, 64, 128)
 DENSE_UNITS = 1000
 
@@ -26,17 +28,20 @@ class RunningClassWhitening(nn.Module):
     """z re-expressed within its predicted class, as a layer: class ``c``'s codes
     map to ``L_c^-1 (z - mean_c)``, with ``L_c`` the Cholesky factor of the
     class's covariance, both running averages (buffers: gradients pass through
-    z only). Every class then holds the same first two moments in every reader
-    of z (C, D_z, the decoder, the probes), so C and the decorrelation work on
-    what those moments cannot tell apart.
+    z only). Every reader of z (C, D_z, the decoder, the probes) sees the map's
+    output; the codes its statistics follow leave it with matched first two
+    moments per class (up to ``eps``, which floors each variance: at an SD of
+    0.01 the whitened SD is 0.95), other codes only as far as they resemble
+    those.
 
     The forward never moves the statistics: the training step hands
     ``track`` the codes they should describe, C's rows encoded as evaluation
-    encodes them. Statistics of every row of the training forward (shifted,
-    noisy, perturbed) left a class-wise offset in the unaltered images'
-    codes, and those of its batch-statistics codes of the unaltered images
-    one in their evaluation codes, each amplified by the whitening and read
-    by the probes (docs/results.md, *Whitened in training*)."""
+    encodes them, as the probes read z. Statistics of every row of the
+    training forward (shifted, labelled, perturbed) left a class-wise offset in
+    the unaltered images' codes, and those of the training forward's codes of
+    the unaltered images (batch statistics) one in their evaluation codes,
+    each amplified by the whitening and read by the probes (docs/results.md,
+    *Whitened in training*)."""
 
     def __init__(self, num_classes: int, z_dim: int, momentum: float = 0.01, eps: float = 1e-5):
         super().__init__()
@@ -59,23 +64,25 @@ class RunningClassWhitening(nn.Module):
 
     def forward(self, z: torch.Tensor, logits_y: torch.Tensor) -> torch.Tensor:
         classes = logits_y.detach().argmax(1)
-        centred = z - self.running_mean[classes].to(z.dtype)
-        return torch.einsum("bij,bj->bi", self.inverse_factors()[classes].to(z.dtype), centred)
+        # fp32 under autocast: a mean rounded to bf16 is a class-wise offset
+        # that the inverse factor, large for a narrow class, magnifies.
+        with torch.autocast(z.device.type, enabled=False):
+            centred = z.float() - self.running_mean[classes]
+            whitened = torch.einsum("bij,bj->bi", self.inverse_factors()[classes], centred)
+        return whitened.to(z.dtype)
 
     @torch.no_grad()
     def track(self, whitened: torch.Tensor, logits_y: torch.Tensor) -> None:
         """Move the statistics toward those of a batch of this layer's outputs
         (unwhitened first, by the statistics that whitened them). No
-        data-dependent branch or host sync (one-hot by scatter: F.one_hot
-        reads the indices' range back), so compiled and CUDA-graphed steps can
-        hold it; fp32 under autocast. A class with under two rows keeps its
-        statistics."""
+        data-dependent branch or host sync, so compiled and CUDA-graphed steps
+        can hold it; fp32 under autocast. A class with under two rows keeps
+        its statistics."""
         classes = logits_y.detach().argmax(1)
         with torch.autocast(whitened.device.type, enabled=False):
             z = (torch.einsum("bij,bj->bi", self.factors()[classes], whitened.detach().float())
                  + self.running_mean[classes])
-            rows = torch.zeros(len(z), self.running_mean.shape[0], device=z.device)
-            rows.scatter_(1, classes[:, None], 1.0)
+            rows = class_rows(classes, self.running_mean.shape[0])
             counts = rows.sum(0)
             means = (rows.T @ z) / counts.clamp(min=1)[:, None]
             centred = z - means[classes]

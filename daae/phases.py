@@ -230,11 +230,13 @@ def batch_norm_as(module: nn.Module, mode: str):
             m.train()
 
 
-def track_class_whitening(ctx: StepContext, rows: torch.Tensor, evaluation_codes=None) -> None:
+def track_class_whitening(ctx: StepContext, rows: torch.Tensor | None,
+                          evaluation_codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """With model.class_whitening, C's rows of this step, encoded as evaluation
     encodes them (batch norms on their running averages, as the probes read
     z), move the encoder's per-class statistics. ``evaluation_codes``:
-    ``(logits_y, z)`` of those rows when the step has them already."""
+    ``(logits_y, z)`` of those rows when the step has them already; else one
+    more forward, without gradients, encodes them."""
     whitening = ctx.plain.encoder.z_whitening
     if whitening is None:
         return

@@ -343,9 +343,10 @@ def test_reference_z_branch_phases_encode_clean_images_without_noise(tmp_path, c
         assert param.grad is None or not param.grad.any()
 
 
-@pytest.mark.parametrize("correlation_input", ["training", "clean"])
+@pytest.mark.parametrize("correlation_input,batch_norm", [
+    ("training", "training"), ("clean", "training"), ("clean", "evaluation")])
 def test_reference_correlation_phase_moves_the_class_whitening_by_cs_evaluation_codes(
-        tmp_path, correlation_input):
+        tmp_path, correlation_input, batch_norm):
     config = tiny_config(tmp_path, "model.class_whitening=true")
     data = load_data(config.data, config.seed)
     setup = prepare_training(config, make_accelerator("no"), data)
@@ -353,12 +354,14 @@ def test_reference_correlation_phase_moves_the_class_whitening_by_cs_evaluation_
     rows = phases.correlation_rows(setup.ctx, x, x_clean, correlation_input)
     before = copy.deepcopy(setup.nets)
 
-    phases.correlation_phase(setup.ctx, setup.optimizers["correlation"], rows, "soft")
+    phases.correlation_phase(setup.ctx, setup.optimizers["correlation"], rows, "soft", batch_norm)
 
-    # C's rows as evaluation encodes them, by the running averages that C's
-    # own forward (batch statistics) left.
+    # C's rows as evaluation encodes them, by the running averages as C's own
+    # forward left them (moved by its batch statistics, or, reading evaluation
+    # codes itself, as they were).
     with torch.no_grad():
-        before.encoder(rows)
+        if batch_norm == "training":
+            before.encoder(rows)
         logits_y, z = before.encoder.eval()(rows)
     before.encoder.z_whitening.track(z, logits_y)
     whitening = setup.nets.encoder.z_whitening

@@ -39,8 +39,8 @@ def test_resume_from_a_folder_without_checkpoint_is_a_clear_error(tmp_path):
 def test_resuming_with_another_model_names_the_changed_key(tmp_path):
     """An ensemble of correlation classifiers reading standardised codes, beside
     class-whitened codes, resumes to the same weights and running statistics as
-    a run never stopped; a changed
-    model is refused, naming the key and both values."""
+    a run never stopped; a changed model is refused, naming the key and both
+    values."""
     import pytest
 
     common = ("eval.final_test=false", "eval.probe_epochs=1", "run.checkpoint_every=10",
