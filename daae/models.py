@@ -24,6 +24,19 @@ def _conv_sizes(size: int, count: int) -> list[int]:
     return sizes
 
 
+def whiten_within_class(z: torch.Tensor, means: torch.Tensor, factors: torch.Tensor,
+                        classes: torch.Tensor) -> torch.Tensor:
+    """``L_c^-1 (z - mean_c)`` row by row, ``c`` each row's class and ``L_c`` its
+    lower Cholesky factor; ``unwhiten_within_class`` is the inverse."""
+    centred = (z - means[classes]).unsqueeze(-1)
+    return torch.linalg.solve_triangular(factors[classes], centred, upper=False).squeeze(-1)
+
+
+def unwhiten_within_class(z: torch.Tensor, means: torch.Tensor, factors: torch.Tensor,
+                          classes: torch.Tensor) -> torch.Tensor:
+    return (factors[classes] @ z.unsqueeze(-1)).squeeze(-1) + means[classes]
+
+
 class RunningClassWhitening(nn.Module):
     """z re-expressed within its predicted class, as a layer: class ``c``'s codes
     map to ``L_c^-1 (z - mean_c)``, with ``L_c`` the Cholesky factor of the
@@ -57,18 +70,12 @@ class RunningClassWhitening(nn.Module):
         # covariances plus eps is positive definite).
         return torch.linalg.cholesky_ex(self.running_cov + self.eps * eye).L
 
-    def inverse_factors(self) -> torch.Tensor:
-        factor = self.factors()
-        eye = torch.eye(factor.shape[1], device=factor.device).expand_as(factor)
-        return torch.linalg.solve_triangular(factor, eye, upper=False)
-
     def forward(self, z: torch.Tensor, logits_y: torch.Tensor) -> torch.Tensor:
         classes = logits_y.detach().argmax(1)
         # fp32 under autocast: a mean rounded to bf16 is a class-wise offset
         # that the inverse factor, large for a narrow class, magnifies.
         with torch.autocast(z.device.type, enabled=False):
-            centred = z.float() - self.running_mean[classes]
-            whitened = torch.einsum("bij,bj->bi", self.inverse_factors()[classes], centred)
+            whitened = whiten_within_class(z.float(), self.running_mean, self.factors(), classes)
         return whitened.to(z.dtype)
 
     @torch.no_grad()
@@ -80,8 +87,8 @@ class RunningClassWhitening(nn.Module):
         its statistics."""
         classes = logits_y.detach().argmax(1)
         with torch.autocast(whitened.device.type, enabled=False):
-            z = (torch.einsum("bij,bj->bi", self.factors()[classes], whitened.detach().float())
-                 + self.running_mean[classes])
+            z = unwhiten_within_class(whitened.detach().float(), self.running_mean, self.factors(),
+                                      classes)
             rows = class_rows(classes, self.running_mean.shape[0])
             counts = rows.sum(0)
             means = (rows.T @ z) / counts.clamp(min=1)[:, None]

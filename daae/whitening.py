@@ -5,8 +5,9 @@ each class's mean and covariance of the codes (P100 at 150 epochs; not at 40:
 docs/results.md, *Whitened within the predicted class*). Subtracting the
 predicted class's mean and applying the inverse of its covariance's Cholesky
 factor gives every class the same first two moments; the decoder is given the
-class, so it undoes the map exactly and reconstructions do not change. Nothing is trained: the statistics come from the codes of the training
-images, and the adversary C, trained on the raw codes, does not apply to these.
+class, so it undoes the map exactly and reconstructions do not change. Nothing
+is trained: the statistics come from the codes of the training images, and the
+adversary C, trained on the raw codes, does not apply to these.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 from .config import ConfigError
 from .data import ImageSet
 from .evaluate import encode
-from .models import Networks
+from .models import Networks, unwhiten_within_class, whiten_within_class
 
 
 class WhiteningError(ConfigError):
@@ -54,11 +55,10 @@ class ClassWhitening(nn.Module):
         return cls(torch.stack(means).float(), torch.stack(factors).float())
 
     def whiten(self, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        centred = (z.float() - self.mean[classes]).unsqueeze(-1)
-        return torch.linalg.solve_triangular(self.cholesky[classes], centred, upper=False).squeeze(-1)
+        return whiten_within_class(z.float(), self.mean, self.cholesky, classes)
 
     def unwhiten(self, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return (self.cholesky[classes] @ z.float().unsqueeze(-1)).squeeze(-1) + self.mean[classes]
+        return unwhiten_within_class(z.float(), self.mean, self.cholesky, classes)
 
 
 class WhitenedEncoder(nn.Module):
