@@ -211,6 +211,12 @@ class EvalConfig:
     # schedulers, and stay cheap; the final evaluation and `daae eval` use
     # probe_epochs.
     probe_epochs_during_training: int = 3
+    # A second pair of probes on the same codes whitened within their
+    # predicted class (the map of `daae eval --class-whitened`, fitted on the
+    # probes' training codes): class_whitened_probe_accuracy and
+    # class_whitened_linear_probe_accuracy, wherever the probes run. Doubles
+    # the probes' time.
+    class_whitened_probes: bool = False
     # Report test metrics in metrics.json at the end (never used for selection).
     final_test: bool = True
     batch_size: int = 1000

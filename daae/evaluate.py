@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from .config import EvalConfig
 from .data import ImageSet, to_float
 from .models import Critic, Networks
+from .whitening import ClassWhitening, WhiteningError
 
 
 @dataclass
@@ -122,6 +123,26 @@ class Probes:
         return {name: _accuracy(probe(z), labels, num_classes) for name, probe in self.classifiers.items()}
 
 
+@dataclass
+class ProbeSet:
+    """The probes on the raw codes and, with ``eval.class_whitened_probes``,
+    a second pair on the same codes whitened within their predicted class
+    (``daae.whitening``, fitted on those training codes), or the reason the
+    whitening could not be fitted."""
+    raw: Probes
+    whitening: ClassWhitening | None = None
+    whitened: Probes | None = None
+    whitening_error: str | None = None
+
+    def accuracies(self, encoded: Encoded, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+        metrics = self.raw.accuracies(encoded.z, labels, num_classes)
+        if self.whitened is not None:
+            whitened_z = self.whitening.whiten(encoded.z, encoded.logits_y.argmax(1))
+            metrics.update({f"class_whitened_{name}": value for name, value in
+                            self.whitened.accuracies(whitened_z, labels, num_classes).items()})
+        return metrics
+
+
 def fit_probes_on_codes(train_z: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
                         config: EvalConfig, seed: int) -> Probes:
     """An MLP like C and a linear classifier, fitted on ``train_z`` standardised."""
@@ -152,18 +173,33 @@ def probe_accuracies(train_z: torch.Tensor, train_labels: torch.Tensor, eval_z: 
 
 
 def fit_probes(nets: Networks, probe_train: ImageSet, config: EvalConfig, num_classes: int,
-               device, seed: int) -> Probes:
+               device, seed: int) -> ProbeSet:
     """The post-hoc probes on the codes of ``config.probe_train_size`` images of
-    ``probe_train``, drawn with ``seed``."""
+    ``probe_train``, drawn with ``seed``; with ``config.class_whitened_probes``
+    also the pair on those codes whitened within their predicted class."""
     subset = probe_train.subset(torch.randperm(
         len(probe_train), generator=torch.Generator().manual_seed(seed))[:config.probe_train_size])
-    train_z = encode(nets, subset.images, config.batch_size, device).z
-    return fit_probes_on_codes(train_z, subset.labels.to(device), num_classes, config, seed)
+    encoded = encode(nets, subset.images, config.batch_size, device)
+    labels = subset.labels.to(device)
+    probes = ProbeSet(fit_probes_on_codes(encoded.z, labels, num_classes, config, seed))
+    if not config.class_whitened_probes:
+        return probes
+    predicted = encoded.logits_y.argmax(1)
+    try:
+        probes.whitening = ClassWhitening.fit(encoded.z, predicted, num_classes).to(device)
+    except WhiteningError as exc:
+        # Early in training a class can go unpredicted; that evaluation then
+        # lacks the whitened figures rather than ending the run.
+        probes.whitening_error = str(exc)
+        return probes
+    probes.whitened = fit_probes_on_codes(probes.whitening.whiten(encoded.z, predicted), labels,
+                                          num_classes, config, seed)
+    return probes
 
 
 @torch.no_grad()
 def evaluate(nets: Networks, split: ImageSet, labelled: ImageSet, config: EvalConfig,
-             num_classes: int, device, probes: Probes | None = None) -> dict[str, float]:
+             num_classes: int, device, probes: ProbeSet | None = None) -> dict[str, float]:
     """Metrics on ``split``; with ``probes`` (``fit_probes``) also the post-hoc probes."""
     encoded = encode(nets, split.images, config.batch_size, device)
     labels = split.labels.to(device)
@@ -193,7 +229,7 @@ def evaluate(nets: Networks, split: ImageSet, labelled: ImageSet, config: EvalCo
     labelled_logits = encode(nets, labelled.images, config.batch_size, device).logits_y
     metrics["labelled_accuracy"] = _accuracy(labelled_logits, labelled.labels.to(device), num_classes)
     if probes is not None:
-        metrics.update(probes.accuracies(encoded.z, labels, num_classes))
+        metrics.update(probes.accuracies(encoded, labels, num_classes))
     return metrics
 
 
@@ -205,6 +241,9 @@ def tensorboard_tags(split_name: str, metrics: dict[str, float]) -> dict[str, fl
               "adversary_floor": f"decorrelation/{split_name}/adversary_floor",
               "probe_accuracy": f"decorrelation/{split_name}/probe_accuracy",
               "linear_probe_accuracy": f"decorrelation/{split_name}/linear_probe_accuracy",
+              "class_whitened_probe_accuracy": f"decorrelation/{split_name}/class_whitened_probe_accuracy",
+              "class_whitened_linear_probe_accuracy":
+                  f"decorrelation/{split_name}/class_whitened_linear_probe_accuracy",
               "recon_mse": f"recon/{split_name}/mse",
               "z_mean": f"z/{split_name}/mean",
               "z_std": f"z/{split_name}/std",
@@ -230,11 +269,17 @@ def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device
     data = run.data
     target = data.test if split == "test" else data.validation
     train_images = data.train_images()
+    eval_config = run.config.eval
     if class_whitened:
-        whiten_networks(run.nets, train_images, run.config.eval.batch_size, device)
-    probes = fit_probes(run.nets, train_images, run.config.eval, data.num_classes, device,
-                        run.config.seed)
-    metrics = evaluate(run.nets, target, data.labelled, run.config.eval, data.num_classes, device, probes)
+        whiten_networks(run.nets, train_images, eval_config.batch_size, device)
+        # Every probe then reads whitened codes already: a second pair would
+        # whiten them again, to (nearly) the same figures.
+        eval_config = replace(eval_config, class_whitened_probes=False)
+    probes = fit_probes(run.nets, train_images, eval_config, data.num_classes, device, run.config.seed)
+    if probes.whitening_error:
+        raise WhiteningError(f"eval.class_whitened_probes: {probes.whitening_error}; or set "
+                             f"eval.class_whitened_probes=false")
+    metrics = evaluate(run.nets, target, data.labelled, eval_config, data.num_classes, device, probes)
     if class_whitened:
         del metrics["adversary_accuracy"]
         metrics["class_whitened"] = True

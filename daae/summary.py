@@ -25,7 +25,11 @@ from .config import ConfigError
 from .runs import METRICS_FILE
 
 # Metrics that runs written before they existed lack (or hold as null): their column reads "–".
-OPTIONAL = {"adversary_floor", "run_train_seconds"}
+OPTIONAL = {"adversary_floor", "run_train_seconds", "class_whitened_probe_accuracy",
+            "class_whitened_linear_probe_accuracy"}
+# Columns of the Markdown tables left out when no run has them (only with
+# eval.class_whitened_probes=true); the JSON keeps them, as null.
+SHOWN_WHEN_REPORTED = {"class_whitened_probe_accuracy", "class_whitened_linear_probe_accuracy"}
 # (column, split, metric, scale, decimals); scale "error" reports 100 - 100 * accuracy;
 # decimals None: whole numbers when every value is one, else one decimal.
 COLUMNS = (
@@ -34,6 +38,8 @@ COLUMNS = (
     ("adversary floor %", "test", "adversary_floor", 100.0, 2),
     ("probe %", "test", "probe_accuracy", 100.0, 2),
     ("linear probe %", "test", "linear_probe_accuracy", 100.0, 2),
+    ("class-whitened probe %", "test", "class_whitened_probe_accuracy", 100.0, 2),
+    ("class-whitened linear probe %", "test", "class_whitened_linear_probe_accuracy", 100.0, 2),
     ("recon mse", "test", "recon_mse", 1.0, 4),
     ("validation accuracy %", "validation", "accuracy", 100.0, 2),
     ("epochs", None, "epoch", 1.0, None),
@@ -105,7 +111,16 @@ VALIDATION_COLUMNS = (
     ("validation adversary %", "adversary_accuracy", True),
     ("validation MLP probe %", "probe_accuracy", False),
     ("validation linear probe %", "linear_probe_accuracy", False),
+    ("validation class-whitened MLP probe %", "class_whitened_probe_accuracy", False),
+    ("validation class-whitened linear probe %", "class_whitened_linear_probe_accuracy", False),
 )
+
+
+def _shown(summaries: list[dict], columns: list[tuple[str, str]]) -> set[str]:
+    """Of ``columns`` ((column, metric) pairs), those a Markdown table shows."""
+    return {column for column, metric in columns
+            if metric not in SHOWN_WHEN_REPORTED
+            or any(summary[column]["mean"] is not None for summary in summaries)}
 
 
 def _run_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -169,12 +184,14 @@ def markdown_steps(summaries: list[dict], label: str) -> str:
         each = " / ".join(f"{value:.2f}" for value in stats["values"])
         return _cell(stats, 2) + (f" ({each})" if len(stats["values"]) > 1 else "")
 
+    shown = _shown(summaries, [(column, metric) for column, metric, _ in VALIDATION_COLUMNS])
     rows = []
     for summary in summaries:
         first, last = summary["first_step"], summary["last_step"]
         rows.append({"runs": label, "n": str(summary["runs"]),
                      "steps": str(first) if first == last else f"{first}-{last}",
-                     **{column: cell(summary[column]) for column, *_ in VALIDATION_COLUMNS}})
+                     **{column: cell(summary[column]) for column, *_ in VALIDATION_COLUMNS
+                        if column in shown}})
     return markdown_table(rows, lambda key, value: value)
 
 
@@ -189,6 +206,8 @@ def _cell(stats: dict, decimals) -> str:
 
 
 def markdown(summary: dict, label: str) -> str:
+    shown = _shown([summary], [(column, metric) for column, _, metric, *_ in COLUMNS])
     row = {"runs": label, "n": str(summary["runs"]),
-           **{column: _cell(summary[column], decimals) for column, *_, decimals in COLUMNS}}
+           **{column: _cell(summary[column], decimals) for column, *_, decimals in COLUMNS
+              if column in shown}}
     return markdown_table([row], lambda key, value: value)

@@ -187,6 +187,12 @@ def _restore(state: dict, changes: dict, nets, optimizers, generator, accelerato
 
 # --------------------------------------------------------------------------- train
 
+def _warn_unwhitened(probes, step: int) -> None:
+    if probes is not None and probes.whitening_error:
+        log.warning("step %d: no class-whitened probes (eval.class_whitened_probes): %s",
+                    step, probes.whitening_error)
+
+
 def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Path | None = None,
           hooks: Hooks | None = None) -> dict:
     """Train one model; returns the final metrics (also written to metrics.json).
@@ -259,6 +265,7 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
                       if config.eval.probes_during_training else None)
             metrics = evaluate(nets, data.validation, data.labelled, periodic, data.num_classes,
                                device, probes)
+            _warn_unwhitened(probes, step)
             for tag, value in tensorboard_tags("val", metrics).items():
                 writer.add_scalar(tag, value, step)
             grid = reconstruction_grid(nets, grid_images)
@@ -334,6 +341,7 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
         # One fit scored on both splits: it would be the same fit each time.
         probes = fit_probes(nets, data.train_images(), config.eval, data.num_classes, device,
                             config.seed)
+        _warn_unwhitened(probes, step)
         result["validation"] = evaluate(nets, data.validation, data.labelled, config.eval,
                                         data.num_classes, device, probes)
         if config.eval.final_test:

@@ -16,7 +16,6 @@ from torch import nn
 
 from .config import ConfigError
 from .data import ImageSet
-from .evaluate import encode
 from .models import Networks, unwhiten_within_class, whiten_within_class
 
 
@@ -95,6 +94,8 @@ def whiten_networks(nets: Networks, images: ImageSet, batch_size: int, device) -
     """Fit the whitening on the codes of ``images`` and wrap ``nets``' encoder and
     decoder in place, so every reader of z (evaluation, probes, generation) sees
     the whitened codes. Returns the fitted whitening."""
+    from .evaluate import encode  # evaluate imports this module for its whitened probes
+
     encoded = encode(nets, images.images, batch_size, device)
     whitening = ClassWhitening.fit(encoded.z, encoded.logits_y.argmax(1),
                                    encoded.logits_y.shape[1]).to(device)

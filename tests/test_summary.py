@@ -6,7 +6,8 @@ import pytest
 from daae.cli import main
 
 
-def _finished_run(folder, accuracy, adversary, *, final_test=True, floor=None, run_seconds=None):
+def _finished_run(folder, accuracy, adversary, *, final_test=True, floor=None, run_seconds=None,
+                  whitened=None):
     folder.mkdir()
     metrics = {"step": 1500, "epoch": 3.0, "train_seconds": 300.0, "run_train_seconds": run_seconds,
                "validation": {"accuracy": accuracy - 0.01}}
@@ -15,6 +16,9 @@ def _finished_run(folder, accuracy, adversary, *, final_test=True, floor=None, r
                            "probe_accuracy": 0.5, "linear_probe_accuracy": 0.3, "recon_mse": 0.03}
         if floor is not None:
             metrics["test"]["adversary_floor"] = floor
+        if whitened is not None:
+            metrics["test"]["class_whitened_probe_accuracy"] = whitened
+            metrics["test"]["class_whitened_linear_probe_accuracy"] = whitened - 0.01
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return str(folder)
 
@@ -53,6 +57,21 @@ def test_summary_shows_what_runs_before_a_metric_lack_as_a_dash(tmp_path, capsys
     assert row.endswith("| 300 ± 0 | – |")
 
 
+def test_summary_shows_class_whitened_probes_only_when_runs_report_them(tmp_path, capsys):
+    plain = [_finished_run(tmp_path / f"p{i}", 0.98, 0.12) for i in range(2)]
+    assert main(["summary", *plain]) == 0
+    assert "class-whitened" not in capsys.readouterr().out
+    whitened = [_finished_run(tmp_path / f"w{i}", 0.98, 0.12, whitened=w) for i, w in enumerate([0.11, 0.13])]
+    assert main(["summary", *whitened, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["class-whitened probe %"]["mean"] == pytest.approx(12.0)
+    assert summary["class-whitened linear probe %"]["values"] == pytest.approx([10.0, 12.0])
+    assert main(["summary", *whitened, "--label", "w"]) == 0
+    header, _, row = capsys.readouterr().out.splitlines()[-3:]
+    assert "| linear probe % | class-whitened probe % | class-whitened linear probe % | recon mse |" in header
+    assert "| 30.00 ± 0.00 | 12.00 ± 1.41 | 11.00 ± 1.41 |" in row
+
+
 def test_summary_names_an_unfinished_run_and_missing_test_metrics(tmp_path, caplog):
     done = _finished_run(tmp_path / "done", 0.9, 0.1)
     (tmp_path / "crashed").mkdir()
@@ -64,7 +83,7 @@ def test_summary_names_an_unfinished_run_and_missing_test_metrics(tmp_path, capl
     assert "no test/accuracy (the run had eval.final_test=false)" in caplog.text
 
 
-def _logged_run(folder, accuracy_by_step, adversary=0.12, probes=True):
+def _logged_run(folder, accuracy_by_step, adversary=0.12, probes=True, whitened=False):
     """A run folder with the validation scalars training writes at each evaluation."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -75,6 +94,9 @@ def _logged_run(folder, accuracy_by_step, adversary=0.12, probes=True):
         if probes:
             writer.add_scalar("decorrelation/val/probe_accuracy", 0.15, step)
             writer.add_scalar("decorrelation/val/linear_probe_accuracy", 0.10, step)
+        if whitened:
+            writer.add_scalar("decorrelation/val/class_whitened_probe_accuracy", 0.11, step)
+            writer.add_scalar("decorrelation/val/class_whitened_linear_probe_accuracy", 0.105, step)
     writer.close()
     return str(folder)
 
@@ -95,7 +117,14 @@ def test_summary_at_steps_reads_validation_from_unfinished_runs(tmp_path, capsys
     assert main(["summary", *runs, "--at", "200", "--label", "P100"]) == 0
     row = capsys.readouterr().out.splitlines()[-1]
     assert row.startswith("| P100 | 3 | 200 | 96.00 ± 2.00 (94.00 / 98.00 / 96.00) |")
-    assert row.endswith("| – | – |")
+    assert row.endswith("| – | – |") and "class-whitened" not in capsys.readouterr().out
+
+    # Runs trained with eval.class_whitened_probes: the whitened pair's columns follow.
+    whitened = [_logged_run(tmp_path / f"w{i}", {200: 0.96}, whitened=True) for i in range(2)]
+    assert main(["summary", *whitened, "--at", "200", "--label", "P100"]) == 0
+    header, _, row = capsys.readouterr().out.splitlines()[-3:]
+    assert header.endswith("| validation class-whitened MLP probe % | validation class-whitened linear probe % |")
+    assert row.endswith("| 11.00 ± 0.00 (11.00 / 11.00) | 10.50 ± 0.00 (10.50 / 10.50) |")
 
 
 def test_summary_between_averages_each_runs_evaluations_in_the_window(tmp_path, capsys):

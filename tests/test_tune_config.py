@@ -134,6 +134,10 @@ def test_nothing_in_a_config_string_is_evaluated(tmp_path):
     ({"metric": "test_accuracy"}, "nothing reports 'test_accuracy'"),
     ({"metric": "probe_accuracy"}, "probes_during_training"),
     ({"target": {"metrics": ["accuracy"]}}, "target.metrics"),
+    ({"target": {"metrics": ["class_whitened_probe_accuracy"]}},
+     "target.metrics: 'class_whitened_probe_accuracy' .* overrides.eval.class_whitened_probes=true"),
+    ({"metric": "class_whitened_linear_probe_accuracy",
+      "overrides": {"eval.probes_during_training": True}}, "metric: .*class_whitened_probes=true"),
     ({"mode": "maximum"}, "mode"),
     ({"resources": {"cpu": 0}}, "resources.cpu"),
     ({"resources": {"gpu": 1.5}}, "whole"),
@@ -204,3 +208,24 @@ def test_trials_rank_finished_by_score_then_stopped_by_depth_then_failed():
     rows = collect(spec, grid)
     assert [r["trial"] for r in rows] == ["finished_high", "finished_low", "deeper", "early_lucky", "failed"]
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_class_whitened_probes_can_be_targeted_and_show_in_the_trial_table_only_when_reported():
+    values = smoke_values(target={"tolerance": 0.05, "metrics": ["adversary_accuracy",
+                                                                  "class_whitened_probe_accuracy"]})
+    values["overrides"] = {**values.get("overrides", {}), "eval.class_whitened_probes": True}
+    spec = parse(values)
+    ten_classes = {"y_marginal_entropy_max": 2.302585092994046, "accuracy": 0.9,
+                   "adversary_accuracy": 0.1}
+    assert spec.objective.assess({**ten_classes, "class_whitened_probe_accuracy": 0.12})["meets_target"]
+    assert not spec.objective.assess({**ten_classes, "class_whitened_probe_accuracy": 0.3})["meets_target"]
+
+    def trial(name, metrics):
+        return SimpleNamespace(path=f"/exp/{name}", config={}, error=None,
+                               metrics={"step": 10, "score": 0.9, "final": True, **metrics})
+
+    table = SimpleNamespace(arms=None, space={})
+    plain = collect(table, [trial("a", {"probe_accuracy": 0.2})])
+    assert "probe_accuracy" in plain[0] and "class_whitened_probe_accuracy" not in plain[0]
+    whitened = collect(table, [trial("a", {"class_whitened_probe_accuracy": 0.12}), trial("b", {})])
+    assert [r["class_whitened_probe_accuracy"] for r in whitened] == [0.12, None]

@@ -5,10 +5,12 @@ import torch
 
 from daae.cli import main
 from daae.config import EvalConfig
-from daae.evaluate import fit_probes_on_codes
+from daae.data import load_data
+from daae.evaluate import evaluate, evaluate_run, fit_probes, fit_probes_on_codes
+from daae.runs import build_networks
 from daae.whitening import ClassWhitening, WhiteningError
 
-from conftest import SMOKE
+from conftest import SMOKE, tiny_config
 
 
 def codes_whose_class_is_in_mean_and_spread(n=3000, num_classes=4, seed=0):
@@ -76,3 +78,41 @@ def test_class_whitened_eval_reconstructs_as_before_without_the_adversary(tmp_pa
                      "--out", str(out), *flags]) == 0
         grids[bool(flags)] = out.read_bytes()
     assert grids[True] != grids[False]
+
+
+def test_training_reports_class_whitened_probes_as_daae_eval_reads_them(tmp_path, capsys):
+    # Every training image in the probes' fit, as `daae eval --class-whitened` fits its whitening.
+    assert main(["train", "--config", str(SMOKE), f"run.dir={tmp_path}", "run.name=r",
+                 "train.max_steps=60", "run.eval_every=30", "run.checkpoint_every=30",
+                 "run.progress_bar=false", "eval.probe_epochs=1", "eval.probe_train_size=100000",
+                 "eval.probes_during_training=true", "eval.class_whitened_probes=true"]) == 0
+    capsys.readouterr()
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    for split in ("validation", "test"):
+        for key in ("class_whitened_probe_accuracy", "class_whitened_linear_probe_accuracy"):
+            assert 0.0 <= metrics[split][key] <= 1.0, (split, key)
+    from daae.curves import read_scalars
+    scalars = next(iter(read_scalars(tmp_path / "r", ["decorrelation/val/class_whitened_probe_accuracy"])
+                        .values()))
+    assert [step for step, _ in scalars["decorrelation/val/class_whitened_probe_accuracy"]] == [30, 60]
+
+    raw, white = (evaluate_run(tmp_path / "r", "test", generation=False, class_whitened=whitened)
+                  for whitened in (False, True))
+    assert raw["probe_accuracy"] == metrics["test"]["probe_accuracy"]
+    assert raw["class_whitened_probe_accuracy"] == metrics["test"]["class_whitened_probe_accuracy"]
+    # The same whitening and probes as the post-hoc route, up to float sums.
+    for key in ("probe_accuracy", "linear_probe_accuracy"):
+        assert raw[f"class_whitened_{key}"] == pytest.approx(white[key], abs=0.01), key
+    assert not any(key.startswith("class_whitened_") for key in white)
+
+
+def test_without_every_class_predicted_the_whitened_probes_are_left_out_and_named(tmp_path):
+    config = tiny_config(tmp_path, "eval.probe_epochs=1", "eval.class_whitened_probes=true")
+    data = load_data(config.data, config.seed)
+    nets = build_networks(config, data.image_shape, data.num_classes)
+    with torch.no_grad():
+        nets.encoder.y_head.bias[7] = 1e3  # q(y|x) answers 7 for every image
+    probes = fit_probes(nets, data.train_images(), config.eval, data.num_classes, "cpu", config.seed)
+    assert "class 0 is predicted for 0 of" in probes.whitening_error
+    metrics = evaluate(nets, data.validation, data.labelled, config.eval, data.num_classes, "cpu", probes)
+    assert "probe_accuracy" in metrics and "class_whitened_probe_accuracy" not in metrics

@@ -7,14 +7,17 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 # What train() reports for the validation split (daae.evaluate.evaluate).
+# The class-whitened probes only with eval.class_whitened_probes=true.
+WHITENED_METRICS = ("class_whitened_probe_accuracy", "class_whitened_linear_probe_accuracy")
 VALIDATION_METRICS = ("accuracy", "adversary_accuracy", "probe_accuracy",
-                      "linear_probe_accuracy", "recon_mse", "z_mean", "z_std",
+                      "linear_probe_accuracy", *WHITENED_METRICS, "recon_mse", "z_mean", "z_std",
                       "y_marginal_entropy", "labelled_accuracy", "cluster_accuracy")
 # The probes are trained only in the final evaluation unless
 # eval.probes_during_training=true, so intermediate reports lack them.
-FINAL_ONLY_METRICS = ("probe_accuracy", "linear_probe_accuracy")
+FINAL_ONLY_METRICS = ("probe_accuracy", "linear_probe_accuracy", *WHITENED_METRICS)
 # Classifier accuracies that have a chance level to aim for.
-TARGETABLE_METRICS = ("adversary_accuracy", "probe_accuracy", "linear_probe_accuracy")
+TARGETABLE_METRICS = ("adversary_accuracy", "probe_accuracy", "linear_probe_accuracy",
+                      *WHITENED_METRICS)
 # What a trial adds to each report.
 TUNE_METRICS = ("score", "meets_target", "target_distance", "step", "final", "resumed_from_step")
 

@@ -17,6 +17,7 @@ from daae.config import to_dict
 from daae.evaluate import tensorboard_tags
 from daae.summary import markdown_table, mean_std
 
+from .objective import WHITENED_METRICS
 from .space import plain
 from .spec import ARM_KEY, SearchSpec
 from .storage import is_remote, write_text
@@ -27,12 +28,12 @@ TRIALS_CSV, TRIALS_MD = "trials.csv", "trials.md"
 ARMS_CSV, ARMS_MD = "arms.csv", "arms.md"
 BEST_CONFIG = "best_config.yaml"
 METRIC_COLUMNS = ("score", "meets_target", "target_distance", "accuracy", "adversary_accuracy",
-                  "adversary_floor", "probe_accuracy", "linear_probe_accuracy",
+                  "adversary_floor", "probe_accuracy", "linear_probe_accuracy", *WHITENED_METRICS,
                   "labelled_accuracy", "recon_mse", "z_mean", "z_std", "y_marginal_entropy", "step")
 ARM_METRICS = ("accuracy", "adversary_accuracy", "adversary_floor", "probe_accuracy",
-               "linear_probe_accuracy", "recon_mse")
+               "linear_probe_accuracy", *WHITENED_METRICS, "recon_mse")
 PERCENT = ("accuracy", "adversary_accuracy", "adversary_floor", "probe_accuracy",
-           "linear_probe_accuracy", "labelled_accuracy")
+           "linear_probe_accuracy", *WHITENED_METRICS, "labelled_accuracy")
 
 
 def collect(spec: SearchSpec, grid) -> list[dict]:
@@ -67,6 +68,15 @@ def collect(spec: SearchSpec, grid) -> list[dict]:
     rows.sort(key=best_first)
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
+    return _without_unreported(rows, WHITENED_METRICS)
+
+
+def _without_unreported(rows: list[dict], optional) -> list[dict]:
+    """Drops the columns of ``optional`` that no row has a value for: the
+    class-whitened probes exist only in searches that turned them on."""
+    for key in [k for k in optional if all(row.get(k) is None for row in rows)]:
+        for row in rows:
+            row.pop(key, None)
     return rows
 
 
@@ -108,11 +118,12 @@ def arm_rows(spec: SearchSpec, rows: list[dict]) -> list[dict]:
         done = [r for r in rows if r.get(ARM_KEY) == arm and r["status"] == "finished"]
         row = {"arm": arm, "n": len(done)}
         for name in ARM_METRICS:
-            values = [r[name] for r in done if r[name] is not None]
+            values = [r[name] for r in done if r.get(name) is not None]
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std(values) if values else (None, None)
         row["meets_target"] = f"{sum(bool(r['meets_target']) for r in done)}/{len(done)}"
         out.append(row)
-    return out
+    return _without_unreported(out, [f"{name}_{part}" for name in WHITENED_METRICS
+                                     for part in ("mean", "std")])
 
 
 def arms_markdown(rows: list[dict]) -> str:
@@ -120,6 +131,8 @@ def arms_markdown(rows: list[dict]) -> str:
     for row in rows:
         cells = {"arm": row["arm"], "n": row["n"]}
         for name in ARM_METRICS:
+            if f"{name}_mean" not in row:
+                continue
             mean, std = row[f"{name}_mean"], row[f"{name}_std"]
             scale, unit = (100.0, " %") if name in PERCENT else (1.0, "")
             label = f"{name}{unit}"
@@ -165,7 +178,8 @@ def write_hparams(spec: SearchSpec, row: dict) -> None:
     params = {k: _hparam_value(v) for k, v in row["_params"].items()}
     params["status"] = row["status"]
     measured = {k: row[k] for k in ("accuracy", "adversary_accuracy", "probe_accuracy",
-                                    "linear_probe_accuracy", "recon_mse") if row.get(k) is not None}
+                                    "linear_probe_accuracy", *WHITENED_METRICS, "recon_mse")
+                if row.get(k) is not None}
     # The trainer's own tags, so the hparams view reads its scalars.
     metric_tags = tensorboard_tags("val", measured)
     own = {"tune/score": row["score"], "tune/meets_target": float(bool(row["meets_target"]))}

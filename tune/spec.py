@@ -36,7 +36,8 @@ import yaml
 from daae.config import Config, from_dict, to_dict
 from daae.schema import ConfigError, parse_override, read_yaml, set_dotted
 
-from .objective import FINAL_ONLY_METRICS, TARGETABLE_METRICS, VALIDATION_METRICS, Objective, Target
+from .objective import (FINAL_ONLY_METRICS, TARGETABLE_METRICS, VALIDATION_METRICS, WHITENED_METRICS,
+                        Objective, Target)
 from .space import KINDS, Distribution, SearchError
 from .typed import build, command_line_value
 
@@ -369,6 +370,11 @@ def _check_schedule(spec: SearchSpec) -> None:
     if f.metric in FINAL_ONLY_METRICS and not config.eval.probes_during_training:
         raise SearchError(f"metric: '{f.metric}' is reported only when a trial ends; set "
                           f"overrides.eval.probes_during_training=true to rank on it")
+    # Unreported, a target metric would silently drop out of the target.
+    for where, name in [("metric", f.metric)] + [("target.metrics", m) for m in f.target.metrics]:
+        if name in WHITENED_METRICS and not config.eval.class_whitened_probes:
+            raise SearchError(f"{where}: '{name}' is reported only with the class-whitened "
+                              f"probes; set overrides.eval.class_whitened_probes=true")
     if config.train.mixed_precision == "fp16" and f.resources.gpu == 0:
         raise SearchError("train.mixed_precision=fp16 needs a GPU but resources.gpu is 0")
     if s.kind not in ("asha", "none"):
