@@ -138,11 +138,18 @@ def evaluate_stopped(runs_dir: Path, names: list[str]) -> dict[str, dict]:
     """`daae eval`'s test metrics of each stopped run's last checkpoint (no
     generation checks), written beside it as checkpoint_test.json."""
     from daae.evaluate import evaluate_run
+    from daae.whitening import WhiteningError
 
     results = {}
     for name in names:
         if checkpoint_path(runs_dir / name).exists():
-            results[name] = evaluate_run(runs_dir / name, generation=False)
+            try:
+                results[name] = evaluate_run(runs_dir / name, generation=False)
+            except WhiteningError:
+                # A run stopped early can predict a class too rarely to whiten
+                # (eval.class_whitened_probes): its raw figures still count.
+                results[name] = evaluate_run(runs_dir / name, generation=False,
+                                             overrides=["eval.class_whitened_probes=false"])
             (runs_dir / name / STOPPED_METRICS).write_text(json.dumps(results[name], indent=2) + "\n")
     return results
 

@@ -180,20 +180,21 @@ def fit_probes(nets: Networks, probe_train: ImageSet, config: EvalConfig, num_cl
     subset = probe_train.subset(torch.randperm(
         len(probe_train), generator=torch.Generator().manual_seed(seed))[:config.probe_train_size])
     encoded = encode(nets, subset.images, config.batch_size, device)
+    whitening, whitening_error = None, None
+    if config.class_whitened_probes:
+        # Before the slow probe fits, so that `daae eval` fails fast on it.
+        try:
+            whitening = ClassWhitening.fit(encoded.z, encoded.logits_y.argmax(1), num_classes).to(device)
+        except WhiteningError as exc:
+            # Early in training a class can be predicted too rarely; that
+            # evaluation then lacks the whitened figures rather than ending the run.
+            whitening_error = str(exc)
     labels = subset.labels.to(device)
-    probes = ProbeSet(fit_probes_on_codes(encoded.z, labels, num_classes, config, seed))
-    if not config.class_whitened_probes:
-        return probes
-    predicted = encoded.logits_y.argmax(1)
-    try:
-        probes.whitening = ClassWhitening.fit(encoded.z, predicted, num_classes).to(device)
-    except WhiteningError as exc:
-        # Early in training a class can go unpredicted; that evaluation then
-        # lacks the whitened figures rather than ending the run.
-        probes.whitening_error = str(exc)
-        return probes
-    probes.whitened = fit_probes_on_codes(probes.whitening.whiten(encoded.z, predicted), labels,
-                                          num_classes, config, seed)
+    probes = ProbeSet(fit_probes_on_codes(encoded.z, labels, num_classes, config, seed),
+                      whitening=whitening, whitening_error=whitening_error)
+    if whitening is not None:
+        probes.whitened = fit_probes_on_codes(whitening.whiten(encoded.z, encoded.logits_y.argmax(1)),
+                                              labels, num_classes, config, seed)
     return probes
 
 
@@ -277,8 +278,8 @@ def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device
         eval_config = replace(eval_config, class_whitened_probes=False)
     probes = fit_probes(run.nets, train_images, eval_config, data.num_classes, device, run.config.seed)
     if probes.whitening_error:
-        raise WhiteningError(f"eval.class_whitened_probes: {probes.whitening_error}; or set "
-                             f"eval.class_whitened_probes=false")
+        raise WhiteningError(f"eval.class_whitened_probes: {probes.whitening_error}; or pass "
+                             f"eval.class_whitened_probes=false to daae eval")
     metrics = evaluate(run.nets, target, data.labelled, eval_config, data.num_classes, device, probes)
     if class_whitened:
         del metrics["adversary_accuracy"]

@@ -28,7 +28,7 @@ from .runs import METRICS_FILE
 OPTIONAL = {"adversary_floor", "run_train_seconds", "class_whitened_probe_accuracy",
             "class_whitened_linear_probe_accuracy"}
 # Columns of the Markdown tables left out when no run has them (only with
-# eval.class_whitened_probes=true); the JSON keeps them, as null.
+# eval.class_whitened_probes=true), "–" when some runs lack them; the JSON keeps them.
 SHOWN_WHEN_REPORTED = {"class_whitened_probe_accuracy", "class_whitened_linear_probe_accuracy"}
 # (column, split, metric, scale, decimals); scale "error" reports 100 - 100 * accuracy;
 # decimals None: whole numbers when every value is one, else one decimal.
@@ -96,9 +96,10 @@ def summarize(run_dirs) -> dict:
 
 
 def _column_stats(values) -> dict:
-    """{"mean", "std", "values"} over the runs; all None when a run lacks the figure."""
+    """{"mean", "std", "values"} over the runs; no mean or std when a run lacks the
+    figure (its value None)."""
     if None in values:
-        return {"mean": None, "std": None, "values": []}
+        return {"mean": None, "std": None, "values": values}
     mean, std = mean_std(values)
     return {"mean": mean, "std": std, "values": values}
 
@@ -120,7 +121,7 @@ def _shown(summaries: list[dict], columns: list[tuple[str, str]]) -> set[str]:
     """Of ``columns`` ((column, metric) pairs), those a Markdown table shows."""
     return {column for column, metric in columns
             if metric not in SHOWN_WHEN_REPORTED
-            or any(summary[column]["mean"] is not None for summary in summaries)}
+            or any(value is not None for summary in summaries for value in summary[column]["values"])}
 
 
 def _run_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -196,10 +197,10 @@ def markdown_steps(summaries: list[dict], label: str) -> str:
 
 
 def _cell(stats: dict, decimals) -> str:
-    if decimals is None:
-        decimals = 0 if all(float(v).is_integer() for v in stats["values"]) else 1
     if stats["mean"] is None or math.isnan(stats["mean"]):
         return "–"
+    if decimals is None:
+        decimals = 0 if all(float(v).is_integer() for v in stats["values"]) else 1
     if len(stats["values"]) == 1:  # one run has no spread to report
         return f"{stats['mean']:.{decimals}f}"
     return f"{stats['mean']:.{decimals}f} ± {stats['std']:.{decimals}f}"

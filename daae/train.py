@@ -342,6 +342,8 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
         probes = fit_probes(nets, data.train_images(), config.eval, data.num_classes, device,
                             config.seed)
         _warn_unwhitened(probes, step)
+        if probes.whitening_error:  # why metrics.json lacks the whitened pair
+            result["class_whitened_error"] = probes.whitening_error
         result["validation"] = evaluate(nets, data.validation, data.labelled, config.eval,
                                         data.num_classes, device, probes)
         if config.eval.final_test:

@@ -53,11 +53,17 @@ class ClassWhitening(nn.Module):
             factors.append(factor)
         return cls(torch.stack(means).float(), torch.stack(factors).float())
 
+    # Each row takes its class's z_dim x z_dim factor: rows in chunks keep
+    # that copy small for 50,000 codes of a wide z.
+    CHUNK = 10_000
+
     def whiten(self, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return whiten_within_class(z.float(), self.mean, self.cholesky, classes)
+        return torch.cat([whiten_within_class(rows.float(), self.mean, self.cholesky, chunk)
+                          for rows, chunk in zip(z.split(self.CHUNK), classes.split(self.CHUNK))])
 
     def unwhiten(self, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return unwhiten_within_class(z.float(), self.mean, self.cholesky, classes)
+        return torch.cat([unwhiten_within_class(rows.float(), self.mean, self.cholesky, chunk)
+                          for rows, chunk in zip(z.split(self.CHUNK), classes.split(self.CHUNK))])
 
 
 class WhitenedEncoder(nn.Module):

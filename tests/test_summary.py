@@ -70,6 +70,11 @@ def test_summary_shows_class_whitened_probes_only_when_runs_report_them(tmp_path
     header, _, row = capsys.readouterr().out.splitlines()[-3:]
     assert "| linear probe % | class-whitened probe % | class-whitened linear probe % | recon mse |" in header
     assert "| 30.00 ± 0.00 | 12.00 ± 1.41 | 11.00 ± 1.41 |" in row
+    # A run without them (trained before the key, or its whitening failed): "–".
+    assert main(["summary", *whitened, plain[0], "--label", "mixed"]) == 0
+    header, _, row = capsys.readouterr().out.splitlines()[-3:]
+    assert "| class-whitened probe % | class-whitened linear probe % |" in header
+    assert "| 30.00 ± 0.00 | – | – |" in row
 
 
 def test_summary_names_an_unfinished_run_and_missing_test_metrics(tmp_path, caplog):

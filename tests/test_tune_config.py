@@ -11,7 +11,7 @@ from daae.cli import main as daae_main
 from daae.config import ConfigError
 from tune import Objective, SearchError, Target, load_search, parse_search
 from tune.cli import main as tune_main
-from tune.results import collect
+from tune.results import arm_rows, arms_markdown, collect
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCHES = sorted((ROOT / "configs" / "tune").glob("*.yaml"))
@@ -134,6 +134,8 @@ def test_nothing_in_a_config_string_is_evaluated(tmp_path):
     ({"metric": "test_accuracy"}, "nothing reports 'test_accuracy'"),
     ({"metric": "probe_accuracy"}, "probes_during_training"),
     ({"target": {"metrics": ["accuracy"]}}, "target.metrics"),
+    ({"space": {"eval.class_whitened_probes": {"choice": [True, False]}}},
+     "'eval.class_whitened_probes' cannot be searched: .* set it under overrides"),
     ({"target": {"metrics": ["class_whitened_probe_accuracy"]}},
      "target.metrics: 'class_whitened_probe_accuracy' .* overrides.eval.class_whitened_probes=true"),
     ({"metric": "class_whitened_linear_probe_accuracy",
@@ -229,3 +231,30 @@ def test_class_whitened_probes_can_be_targeted_and_show_in_the_trial_table_only_
     assert "probe_accuracy" in plain[0] and "class_whitened_probe_accuracy" not in plain[0]
     whitened = collect(table, [trial("a", {"class_whitened_probe_accuracy": 0.12}), trial("b", {})])
     assert [r["class_whitened_probe_accuracy"] for r in whitened] == [0.12, None]
+
+    # Where the probes ran but the whitening could not be fitted, a whitened target is missed.
+    unwhitened = spec.objective.assess({**ten_classes, "probe_accuracy": 0.1})
+    assert not unwhitened["meets_target"] and unwhitened["target_distance"] == 1.0
+    ranked = Objective(metric="class_whitened_probe_accuracy", mode="min")
+    assert ranked.assess({**ten_classes, "probe_accuracy": 0.1})["score"] < ranked.assess(
+        {**ten_classes, "probe_accuracy": 0.1, "class_whitened_probe_accuracy": 0.9})["score"]
+
+
+def test_arm_tables_show_the_class_whitened_probes_only_when_trials_report_them():
+    def finished(arm, metrics):
+        return {"arm": arm, "status": "finished", "meets_target": True, "accuracy": 0.9,
+                "adversary_accuracy": 0.1, "adversary_floor": 0.11, "probe_accuracy": 0.2,
+                "linear_probe_accuracy": 0.15, "recon_mse": 0.02, **metrics}
+
+    spec = SimpleNamespace(arms=["off", "on"])
+    plain = arm_rows(spec, [finished("off", {}), finished("on", {})])
+    assert "class_whitened_probe_accuracy_mean" not in plain[0]
+    assert "class_whitened" not in arms_markdown(plain)
+    whitened = arm_rows(spec, [finished("off", {"class_whitened_probe_accuracy": 0.12}),
+                               finished("off", {"class_whitened_probe_accuracy": 0.14}),
+                               finished("on", {})])
+    assert whitened[0]["class_whitened_probe_accuracy_mean"] == pytest.approx(0.13)
+    assert whitened[1]["class_whitened_probe_accuracy_mean"] is None
+    assert "class_whitened_linear_probe_accuracy_mean" not in whitened[0]
+    header = arms_markdown(whitened).splitlines()[0]
+    assert "| class_whitened_probe_accuracy % |" in header and "linear_probe_accuracy % |" in header

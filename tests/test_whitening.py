@@ -116,3 +116,17 @@ def test_without_every_class_predicted_the_whitened_probes_are_left_out_and_name
     assert "class 0 is predicted for 0 of" in probes.whitening_error
     metrics = evaluate(nets, data.validation, data.labelled, config.eval, data.num_classes, "cpu", probes)
     assert "probe_accuracy" in metrics and "class_whitened_probe_accuracy" not in metrics
+
+
+def test_too_few_codes_to_whiten_leave_training_without_the_pair_and_stop_daae_eval(tmp_path, caplog):
+    # Five probe codes cannot give ten classes a covariance each.
+    assert main(["train", "--config", str(SMOKE), f"run.dir={tmp_path}", "run.name=r",
+                 "train.max_steps=20", "run.progress_bar=false", "eval.final_test=false",
+                 "eval.probe_epochs=1", "eval.probe_train_size=5", "eval.class_whitened_probes=true"]) == 0
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert "probe_accuracy" in metrics["validation"]
+    assert "class_whitened_probe_accuracy" not in metrics["validation"]
+    assert "of 5 images, too few" in metrics["class_whitened_error"]
+    assert "no class-whitened probes (eval.class_whitened_probes)" in caplog.text
+    assert main(["eval", "--checkpoint", str(tmp_path / "r"), "--json"]) == 2
+    assert "pass eval.class_whitened_probes=false to daae eval" in caplog.text

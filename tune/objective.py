@@ -51,12 +51,21 @@ class Objective:
         ``value - 1 - distance``: below every feasible trial for a metric in
         [0, 1], and the nearer the target, the higher among the infeasible.
         Only target metrics present count, so an intermediate report (no
-        probes yet) is judged on the adversary alone.
+        probes yet) is judged on the adversary alone. The class-whitened
+        probes are the exception: absent where the probes ran, the whitening
+        could not be fitted (a class predicted too rarely), which misses the
+        target by 1 each, and ranked on, scores as the worst value and misses by 1.
         """
         chance = self.chance(metrics)
+        probes_ran = "probe_accuracy" in metrics
         distance = sum(max(0.0, abs(metrics[name] - chance) - self.target.tolerance)
-                       for name in self.target.metrics if name in metrics)
+                       if name in metrics else 1.0
+                       for name in self.target.metrics
+                       if name in metrics or (probes_ran and name in WHITENED_METRICS))
+        if self.metric in metrics:
+            value = metrics[self.metric] if self.mode == "max" else -metrics[self.metric]
+        else:
+            value, distance = -1.0, distance + 1.0  # below any accuracy, either mode
         meets = distance == 0.0
-        value = metrics[self.metric] if self.mode == "max" else -metrics[self.metric]
         score = value if meets else value - 1.0 - distance
         return {"score": float(score), "meets_target": bool(meets), "target_distance": float(distance)}

@@ -291,6 +291,10 @@ def _check_trainer_values(spec: SearchSpec) -> None:
     for key in [*spec.space, *(k for arm in spec.arms.values() for k in arm)]:
         if key in RESERVED_KEYS:
             raise SearchError(f"'{key}' cannot be searched: the search sets it for every trial")
+        if key == "eval.class_whitened_probes":
+            # Reporting only, and a trial without it would drop a whitened target silently.
+            raise SearchError(f"'{key}' cannot be searched: it changes what trials report, not how "
+                              f"they train; set it under overrides")
     for key, dist in spec.space.items():
         for value in dist.candidates():
             try:
