@@ -191,6 +191,11 @@ class LossConfig:
     independence: float = 0.0
 
 
+# What eval.class_whitened_probes adds to the metrics: summary columns and
+# search metrics name them from here.
+CLASS_WHITENED_METRICS = ("class_whitened_probe_accuracy", "class_whitened_linear_probe_accuracy")
+
+
 @dataclass
 class EvalConfig:
     # Post-hoc probes on frozen z (DESIGN.md section 4).

@@ -180,11 +180,12 @@ def fit_probes(nets: Networks, probe_train: ImageSet, config: EvalConfig, num_cl
     subset = probe_train.subset(torch.randperm(
         len(probe_train), generator=torch.Generator().manual_seed(seed))[:config.probe_train_size])
     encoded = encode(nets, subset.images, config.batch_size, device)
+    predicted = encoded.logits_y.argmax(1)
     whitening, whitening_error = None, None
     if config.class_whitened_probes:
         # Before the slow probe fits, so that `daae eval` fails fast on it.
         try:
-            whitening = ClassWhitening.fit(encoded.z, encoded.logits_y.argmax(1), num_classes).to(device)
+            whitening = ClassWhitening.fit(encoded.z, predicted, num_classes).to(device)
         except WhiteningError as exc:
             # Early in training a class can be predicted too rarely; that
             # evaluation then lacks the whitened figures rather than ending the run.
@@ -193,8 +194,8 @@ def fit_probes(nets: Networks, probe_train: ImageSet, config: EvalConfig, num_cl
     probes = ProbeSet(fit_probes_on_codes(encoded.z, labels, num_classes, config, seed),
                       whitening=whitening, whitening_error=whitening_error)
     if whitening is not None:
-        probes.whitened = fit_probes_on_codes(whitening.whiten(encoded.z, encoded.logits_y.argmax(1)),
-                                              labels, num_classes, config, seed)
+        probes.whitened = fit_probes_on_codes(whitening.whiten(encoded.z, predicted), labels,
+                                              num_classes, config, seed)
     return probes
 
 

@@ -21,15 +21,14 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError
+from .config import CLASS_WHITENED_METRICS, ConfigError
 from .runs import METRICS_FILE
 
 # Metrics that runs written before they existed lack (or hold as null): their column reads "–".
-OPTIONAL = {"adversary_floor", "run_train_seconds", "class_whitened_probe_accuracy",
-            "class_whitened_linear_probe_accuracy"}
+OPTIONAL = {"adversary_floor", "run_train_seconds", *CLASS_WHITENED_METRICS}
 # Columns of the Markdown tables left out when no run has them (only with
 # eval.class_whitened_probes=true), "–" when some runs lack them; the JSON keeps them.
-SHOWN_WHEN_REPORTED = {"class_whitened_probe_accuracy", "class_whitened_linear_probe_accuracy"}
+SHOWN_WHEN_REPORTED = set(CLASS_WHITENED_METRICS)
 # (column, split, metric, scale, decimals); scale "error" reports 100 - 100 * accuracy;
 # decimals None: whole numbers when every value is one, else one decimal.
 COLUMNS = (

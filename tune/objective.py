@@ -6,9 +6,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from daae.config import CLASS_WHITENED_METRICS
+
 # What train() reports for the validation split (daae.evaluate.evaluate).
 # The class-whitened probes only with eval.class_whitened_probes=true.
-WHITENED_METRICS = ("class_whitened_probe_accuracy", "class_whitened_linear_probe_accuracy")
+WHITENED_METRICS = CLASS_WHITENED_METRICS
 VALIDATION_METRICS = ("accuracy", "adversary_accuracy", "probe_accuracy",
                       "linear_probe_accuracy", *WHITENED_METRICS, "recon_mse", "z_mean", "z_std",
                       "y_marginal_entropy", "labelled_accuracy", "cluster_accuracy")
