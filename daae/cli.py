@@ -36,7 +36,7 @@ def _eval(args) -> int:
     from .evaluate import evaluate_run
 
     metrics = evaluate_run(args.checkpoint, split=args.split, overrides=args.overrides,
-                           device=args.device, class_whitened=args.class_whitened)
+                           device=args.device, class_map=args.class_map)
     if args.json:
         sys.stdout.write(json.dumps(metrics, sort_keys=True) + "\n")
     else:
@@ -49,7 +49,7 @@ def _sample(args) -> int:
     from .sample import write_sample
 
     path = write_sample(args.checkpoint, kind=args.kind, n=args.n, seed=args.seed, out=args.out,
-                        device=args.device, class_whitened=args.class_whitened)
+                        device=args.device, class_map=args.class_map)
     log.info("wrote %s", path)
     return 0
 
@@ -77,6 +77,18 @@ def _summary(args) -> int:
     return 0
 
 
+def _class_map_options(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """--class-whitened / --class-gaussianized (one at most): the post-hoc map of
+    z within its predicted class (daae.whitening)."""
+    maps = parser.add_mutually_exclusive_group()
+    maps.add_argument("--class-whitened", dest="class_map", action="store_const", const="whitened",
+                      help=help_text.format("whitened"))
+    maps.add_argument("--class-gaussianized", dest="class_map", action="store_const",
+                      const="gaussianized",
+                      help=help_text.format("Gaussianized (whitened, then each class's shape "
+                                            "mapped to N(0, I))"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="daae", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,8 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("test", "validation"), default="test")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
-    evaluate.add_argument("--class-whitened", action="store_true",
-                          help="read z whitened within its predicted class (post hoc; no adversary figure)")
+    _class_map_options(evaluate, "read z {} within its predicted class (post hoc; no adversary figure)")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value",
                           help="overrides of the run's config, e.g. eval.probe_epochs=5")
     evaluate.set_defaults(handler=_eval)
@@ -104,8 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=8, help="rows of the grid")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", required=True, metavar="FILE.png")
-    sample.add_argument("--class-whitened", action="store_true",
-                        help="z whitened within its predicted class, as daae eval --class-whitened")
+    _class_map_options(sample, "z {} within its predicted class, as daae eval does with the flag")
     sample.add_argument("--device", default=None)
     sample.set_defaults(handler=_sample)
 

@@ -255,13 +255,14 @@ def tensorboard_tags(split_name: str, metrics: dict[str, float]) -> dict[str, fl
 
 
 def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device=None,
-                 generation: bool = True, class_whitened: bool = False) -> dict:
+                 generation: bool = True, class_map: str | None = None) -> dict:
     """``daae eval``: the metrics of a run folder's last checkpoint on one split,
     probes included, as flat keys. ``generation=False`` skips the generation
     checks, whose checker takes minutes to train the first time.
-    ``class_whitened`` reads every metric on z whitened within its predicted
-    class (``daae.whitening``, fitted on the training images' codes) and leaves
-    out the adversary, which was trained on the raw codes."""
+    ``class_map`` ("whitened" or "gaussianized", ``daae.whitening.CLASS_MAPS``)
+    reads every metric on z re-expressed within its predicted class by that map,
+    fitted on the training images' codes, and leaves out the adversary, which
+    was trained on the raw codes."""
     from .consistency import generation_consistency
     from .runs import load_trained_run
     from .whitening import whiten_networks
@@ -272,19 +273,19 @@ def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device
     target = data.test if split == "test" else data.validation
     train_images = data.train_images()
     eval_config = run.config.eval
-    if class_whitened:
-        whiten_networks(run.nets, train_images, eval_config.batch_size, device)
-        # Every probe then reads whitened codes already: a second pair would
-        # whiten them again, to (nearly) the same figures.
+    if class_map is not None:
+        whiten_networks(run.nets, train_images, eval_config.batch_size, device, class_map)
+        # Every probe then reads mapped codes already: a second, whitened pair
+        # would whiten them again, to (nearly) the same figures.
         eval_config = replace(eval_config, class_whitened_probes=False)
     probes = fit_probes(run.nets, train_images, eval_config, data.num_classes, device, run.config.seed)
     if probes.whitening_error:
         raise WhiteningError(f"eval.class_whitened_probes: {probes.whitening_error}; or pass "
                              f"eval.class_whitened_probes=false to daae eval")
     metrics = evaluate(run.nets, target, data.labelled, eval_config, data.num_classes, device, probes)
-    if class_whitened:
+    if class_map is not None:
         del metrics["adversary_accuracy"]
-        metrics["class_whitened"] = True
+        metrics[f"class_{class_map}"] = True
     flat = {f"{split}_accuracy" if key == "accuracy" else key: value for key, value in metrics.items()}
     if generation:
         flat.update(generation_consistency(run.nets, data, run.config, device))

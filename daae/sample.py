@@ -102,13 +102,14 @@ def check_request(kind: str, n: int) -> None:
 
 
 def write_sample(run_dir, kind: str = "style", n: int = 8, seed: int = 0, out="sample.png",
-                 device=None, class_whitened: bool = False) -> Path:
+                 device=None, class_map: str | None = None) -> Path:
     """``daae sample``: one PNG grid from a run folder's last checkpoint.
 
     Every check runs before anything is written, and the PNG is written to a
     temporary file and renamed, so a failure never leaves a partial image.
-    ``class_whitened``: z whitened within its predicted class (``daae.whitening``),
-    so a style is a place within each class's spread of codes.
+    ``class_map`` ("whitened" or "gaussianized", ``daae.whitening.CLASS_MAPS``):
+    z re-expressed within its predicted class, so a style is a place within each
+    class's spread of codes.
     """
     from .runs import load_trained_run
     from .whitening import whiten_networks
@@ -124,8 +125,9 @@ def write_sample(run_dir, kind: str = "style", n: int = 8, seed: int = 0, out="s
                               f"`daae train` wrote (run.dir/run.name)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run = load_trained_run(run_dir, device)
-    if class_whitened:
-        whiten_networks(run.nets, run.data.train_images(), run.config.eval.batch_size, device)
+    if class_map is not None:
+        whiten_networks(run.nets, run.data.train_images(), run.config.eval.batch_size, device,
+                        class_map)
     grid = sample_grid(run.nets, run.data, kind, n, seed)
     try:
         save_png(grid, out)

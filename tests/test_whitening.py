@@ -8,7 +8,7 @@ from daae.config import EvalConfig
 from daae.data import load_data
 from daae.evaluate import evaluate, evaluate_run, fit_probes, fit_probes_on_codes
 from daae.runs import build_networks
-from daae.whitening import ClassWhitening, WhiteningError
+from daae.whitening import ClassGaussianization, ClassWhitening, WhiteningError
 
 from conftest import SMOKE, tiny_config
 
@@ -43,6 +43,42 @@ def test_a_probe_no_longer_reads_a_class_held_in_means_and_covariances():
     assert white["linear_probe_accuracy"] < 0.35 and white["probe_accuracy"] < 0.35
 
 
+def codes_whose_class_is_in_their_shape(n, seed):
+    """Two classes of 2-d codes with equal means and covariances: class 0
+    Gaussian, class 1 bimodal along its first axis."""
+    generator = torch.Generator().manual_seed(seed)
+    classes = torch.arange(n) % 2
+    z = torch.randn(n, 2, generator=generator)
+    sign = torch.randint(0, 2, (n,), generator=generator) * 2 - 1
+    bimodal = 0.95 * sign + 0.31 * torch.randn(n, generator=generator)  # mean 0, variance 1
+    z[classes == 1, 0] = bimodal[classes == 1]
+    return z, classes
+
+
+def test_gaussianized_codes_leave_no_class_in_their_shape_and_map_back():
+    z, classes = codes_whose_class_is_in_their_shape(8000, seed=0)
+    held_out, held_out_classes = codes_whose_class_is_in_their_shape(8000, seed=1)
+    held_out = held_out * 4.0  # past the fitted quantiles as well: the tails extend
+    gaussianization = ClassGaussianization.fit(z, classes, 2)
+    white = ClassWhitening.fit(z, classes, 2).whiten(z, classes)
+    mapped = gaussianization.whiten(z, classes)
+
+    def near_zero(codes):  # N(0, 1) puts 38 % within 0.5; the bimodal class 7 %
+        return [float((codes[classes == c, 0].abs() < 0.5).float().mean()) for c in (0, 1)]
+
+    assert near_zero(white)[1] < 0.15 < 0.3 < near_zero(white)[0]
+    for share in near_zero(mapped):
+        assert 0.34 < share < 0.42
+    mapped_held_out = gaussianization.whiten(held_out, held_out_classes)
+    # Past the fitted quantiles the map goes on at a moderate slope.
+    assert mapped_held_out.abs().max() < 4 * 8
+    torch.testing.assert_close(gaussianization.unwhiten(mapped_held_out, held_out_classes), held_out,
+                               atol=1e-4, rtol=1e-5)
+    # No rounds: the whitening alone.
+    torch.testing.assert_close(ClassGaussianization.fit(z, classes, 2, rounds=0).whiten(z, classes),
+                               white.double())
+
+
 def test_a_class_too_rare_to_estimate_its_covariance_is_named():
     z, classes = codes_whose_class_is_in_mean_and_spread(n=40)
     classes[classes == 3] = 0
@@ -59,25 +95,28 @@ def test_class_whitened_eval_reconstructs_as_before_without_the_adversary(tmp_pa
                  "eval.probe_epochs=1"]) == 0
     capsys.readouterr()
     reads = {}
-    for flags in ([], ["--class-whitened"]):
-        assert main(["eval", "--checkpoint", str(tmp_path / "r"), "--json", *flags,
+    for flag in ("", "--class-whitened", "--class-gaussianized"):
+        assert main(["eval", "--checkpoint", str(tmp_path / "r"), "--json", *filter(None, [flag]),
                      "eval.probe_epochs=1"]) == 0
-        reads[bool(flags)] = json.loads(capsys.readouterr().out)
-    raw, white = reads[False], reads[True]
-    assert white["class_whitened"] is True and "adversary_accuracy" not in white
+        reads[flag] = json.loads(capsys.readouterr().out)
+    raw = reads[""]
     assert "class_whitened" not in raw and "adversary_accuracy" in raw
-    assert white["recon_mse"] == pytest.approx(raw["recon_mse"], rel=1e-5)
-    assert white["test_accuracy"] == raw["test_accuracy"]
-    for key in ("probe_accuracy", "linear_probe_accuracy", "generation_consistency"):
-        assert 0.0 <= white[key] <= 1.0, key
+    for flag, key in (("--class-whitened", "class_whitened"), ("--class-gaussianized", "class_gaussianized")):
+        mapped = reads[flag]
+        assert mapped[key] is True and "adversary_accuracy" not in mapped, flag
+        # The decoder undoes the map: the same reconstructions and classes.
+        assert mapped["recon_mse"] == pytest.approx(raw["recon_mse"], rel=1e-5), flag
+        assert mapped["test_accuracy"] == raw["test_accuracy"], flag
+        for metric in ("probe_accuracy", "linear_probe_accuracy", "generation_consistency"):
+            assert 0.0 <= mapped[metric] <= 1.0, (flag, metric)
     # A style becomes a place within each class's spread of codes: other grids.
     grids = {}
-    for flags in ([], ["--class-whitened"]):
-        out = tmp_path / f"random{len(flags)}.png"
+    for flag in ("", "--class-whitened", "--class-gaussianized"):
+        out = tmp_path / f"random{len(flag)}.png"
         assert main(["sample", "--checkpoint", str(tmp_path / "r"), "--kind", "random", "--n", "3",
-                     "--out", str(out), *flags]) == 0
-        grids[bool(flags)] = out.read_bytes()
-    assert grids[True] != grids[False]
+                     "--out", str(out), *filter(None, [flag])]) == 0
+        grids[flag] = out.read_bytes()
+    assert len(set(grids.values())) == 3
 
 
 def test_training_reports_class_whitened_probes_as_daae_eval_reads_them(tmp_path, capsys):
@@ -96,8 +135,8 @@ def test_training_reports_class_whitened_probes_as_daae_eval_reads_them(tmp_path
                         .values()))
     assert [step for step, _ in scalars["decorrelation/val/class_whitened_probe_accuracy"]] == [30, 60]
 
-    raw, white = (evaluate_run(tmp_path / "r", "test", generation=False, class_whitened=whitened)
-                  for whitened in (False, True))
+    raw, white = (evaluate_run(tmp_path / "r", "test", generation=False, class_map=class_map)
+                  for class_map in (None, "whitened"))
     assert raw["probe_accuracy"] == metrics["test"]["probe_accuracy"]
     assert raw["class_whitened_probe_accuracy"] == metrics["test"]["class_whitened_probe_accuracy"]
     # The same whitening and probes as the post-hoc route, up to float sums.
