@@ -79,6 +79,15 @@ def test_gaussianized_codes_leave_no_class_in_their_shape_and_map_back():
                                white.double())
 
 
+def test_a_class_too_rare_to_fit_its_quantiles_is_named():
+    z, classes = codes_whose_class_is_in_their_shape(600, seed=0)
+    classes[classes == 1] = 0
+    classes[:100] = 1
+    with pytest.raises(WhiteningError, match="class 1 is predicted for 100 of 600 images, too few "
+                                             "to fit its quantiles.*--class-whitened"):
+        ClassGaussianization.fit(z, classes, 2)
+
+
 def test_a_class_too_rare_to_estimate_its_covariance_is_named():
     z, classes = codes_whose_class_is_in_mean_and_spread(n=40)
     classes[classes == 3] = 0
@@ -90,9 +99,11 @@ def test_a_class_too_rare_to_estimate_its_covariance_is_named():
 def test_class_whitened_eval_reconstructs_as_before_without_the_adversary(tmp_path, capsys,
                                                                           monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # Enough training images that every class is predicted for the quantiles
+    # the Gaussianization fits (ClassGaussianization.MIN_CODES).
     assert main(["train", "--config", str(SMOKE), f"run.dir={tmp_path}", "run.name=r",
                  "train.max_steps=40", "run.progress_bar=false", "eval.final_test=false",
-                 "eval.probe_epochs=1"]) == 0
+                 "eval.probe_epochs=1", "data.synthetic_train_size=20000"]) == 0
     capsys.readouterr()
     reads = {}
     for flag in ("", "--class-whitened", "--class-gaussianized"):
@@ -117,6 +128,9 @@ def test_class_whitened_eval_reconstructs_as_before_without_the_adversary(tmp_pa
                      "--out", str(out), *filter(None, [flag])]) == 0
         grids[flag] = out.read_bytes()
     assert len(set(grids.values())) == 3
+    with pytest.raises(SystemExit) as refused:
+        main(["eval", "--checkpoint", str(tmp_path / "r"), "--class-whitened", "--class-gaussianized"])
+    assert refused.value.code == 2
 
 
 def test_training_reports_class_whitened_probes_as_daae_eval_reads_them(tmp_path, capsys):
