@@ -79,6 +79,18 @@ def test_gaussianized_codes_leave_no_class_in_their_shape_and_map_back():
                                white.double())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gaussianization_fits_and_maps_back_on_cuda():
+    z, classes = codes_whose_class_is_in_their_shape(4000, seed=0)
+    z, classes = z.cuda(), classes.cuda()
+    gaussianization = ClassGaussianization.fit(z, classes, 2)
+    mapped = gaussianization.whiten(z, classes)
+    assert mapped.device.type == "cuda"
+    torch.testing.assert_close(gaussianization.unwhiten(mapped, classes), z, atol=1e-4, rtol=1e-5)
+    cpu = ClassGaussianization.fit(z.cpu(), classes.cpu(), 2).whiten(z.cpu(), classes.cpu())
+    torch.testing.assert_close(mapped.cpu(), cpu, atol=1e-4, rtol=1e-4)
+
+
 def test_a_class_too_rare_to_fit_its_quantiles_is_named():
     z, classes = codes_whose_class_is_in_their_shape(600, seed=0)
     classes[classes == 1] = 0
