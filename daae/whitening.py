@@ -92,6 +92,18 @@ def _piecewise_linear(x: torch.Tensor, knots_x: torch.Tensor, knots_y: torch.Ten
     return torch.where(x < knots_x[0], below, torch.where(x > knots_x[-1], above, inside))
 
 
+def _map_marginals(codes: torch.Tensor, rows_by_class: list[tuple[int, torch.Tensor]],
+                   knots_x: torch.Tensor, knots_y: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Each dimension of each class's rows through its knots (``knots_x``: classes
+    x z_dim x knots) to the normal quantiles ``knots_y``, or back."""
+    out = codes.clone()
+    for c, rows in rows_by_class:
+        for d in range(codes.shape[1]):
+            source, target = (knots_y, knots_x[c, d]) if inverse else (knots_x[c, d], knots_y)
+            out[rows, d] = _piecewise_linear(codes[rows, d], source, target)
+    return out
+
+
 class ClassGaussianization(nn.Module):
     """``ClassWhitening`` followed by ``rounds`` of (rotation, per-class marginal
     Gaussianization) fitted on training codes; ``whiten`` maps codes to the
@@ -138,33 +150,21 @@ class ClassGaussianization(nn.Module):
         rotations = torch.empty(rounds, z_dim, z_dim, dtype=torch.float64, device=codes.device)
         all_knots_x = torch.empty(rounds, num_classes, z_dim, knots, dtype=torch.float64,
                                   device=codes.device)
+        rows_by_class = cls._rows_by_class(classes)
         for round_ in range(rounds):
             rotation, _ = torch.linalg.qr(torch.randn(z_dim, z_dim, generator=generator,
                                                       dtype=torch.float64))
             rotations[round_] = rotation
             codes = codes @ rotations[round_]
-            knots_x = all_knots_x[round_]
-            for c in range(num_classes):
-                rows = classes == c
+            for c, rows in rows_by_class:
                 quantiles = torch.quantile(codes[rows], levels, dim=0).T  # z_dim x knots
                 # Tied codes would give a flat stretch that cannot be inverted:
                 # nudge every knot above the one before.
                 quantiles = quantiles.cummax(1).values
-                knots_x[c] = quantiles + 1e-9 * torch.arange(knots, device=codes.device)
-                for d in range(z_dim):
-                    codes[rows, d] = _piecewise_linear(codes[rows, d], knots_x[c, d], knots_y)
+                all_knots_x[round_, c] = quantiles + 1e-9 * torch.arange(knots, device=codes.device)
+            codes = _map_marginals(codes, rows_by_class, all_knots_x[round_], knots_y, inverse=False)
         # Kept in float64: the nudged knots would tie again in float32.
         return cls(whitening, rotations, all_knots_x, knots_y)
-
-    def _marginals(self, codes: torch.Tensor, rows_by_class: list[tuple[int, torch.Tensor]],
-                   round_: int, inverse: bool) -> torch.Tensor:
-        knots_x, knots_y = self.knots_x[round_], self.knots_y
-        out = codes.clone()
-        for c, rows in rows_by_class:
-            for d in range(codes.shape[1]):
-                source, target = (knots_y, knots_x[c, d]) if inverse else (knots_x[c, d], knots_y)
-                out[rows, d] = _piecewise_linear(codes[rows, d], source, target)
-        return out
 
     @staticmethod
     def _rows_by_class(classes: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -181,14 +181,16 @@ class ClassGaussianization(nn.Module):
         rows_by_class = self._rows_by_class(classes)
         codes = self.whitening.whiten(z, classes).double()
         for round_, rotation in enumerate(self.rotations):
-            codes = self._marginals(codes @ rotation, rows_by_class, round_, inverse=False)
+            codes = _map_marginals(codes @ rotation, rows_by_class, self.knots_x[round_],
+                                   self.knots_y, inverse=False)
         return codes
 
     def unwhiten(self, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         rows_by_class = self._rows_by_class(classes)
         codes = z.double()
         for round_ in reversed(range(len(self.rotations))):
-            codes = self._marginals(codes, rows_by_class, round_, inverse=True) @ self.rotations[round_].T
+            codes = _map_marginals(codes, rows_by_class, self.knots_x[round_], self.knots_y,
+                                   inverse=True) @ self.rotations[round_].T
         return self.whitening.unwhiten(codes.float(), classes)
 
 
