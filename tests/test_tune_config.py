@@ -101,6 +101,12 @@ def test_trainer_key_on_the_command_line_points_to_overrides():
         load_search(SMOKE, ["train.max_steps=7"])
 
 
+def test_seed_on_the_command_line_is_the_search_samplers():
+    spec = load_search(SMOKE, ["seed=3"])
+    assert spec.file.seed == 3
+    assert spec.trainer_config({}).seed == load_search(SMOKE).trainer_config({}).seed
+
+
 def test_nothing_in_a_config_string_is_evaluated(tmp_path):
     marker = tmp_path / "evaluated"
     with pytest.raises(ConfigError, match="python/object"):
@@ -148,6 +154,8 @@ def test_nothing_in_a_config_string_is_evaluated(tmp_path):
     ({"scheduler": {"kind": "asha", "grace_period": 1000}}, "grace_period"),
     ({"scheduler": {"kind": "asha", "grace_period": 5}}, "before the first evaluation"),
     ({"overrides": {"run.checkpoint_every": 30}}, "multiple of run.eval_every"),
+    ({"overrides": {"run.dir": "/elsewhere"}}, "overrides 'run.dir': each trial sets it"),
+    ({"overrides": {"eval.final_test": True}}, "overrides 'eval.final_test': each trial sets it"),
     ({"overrides": {"train.mixed_precision": "fp16"}}, "needs a GPU"),
     ({"base": None}, "needs a trainer config"),
     ({"name": "a/b"}, "plain folder name"),
@@ -258,3 +266,17 @@ def test_arm_tables_show_the_class_whitened_probes_only_when_trials_report_them(
     assert "class_whitened_linear_probe_accuracy_mean" not in whitened[0]
     header = arms_markdown(whitened).splitlines()[0]
     assert "| class_whitened_probe_accuracy % |" in header and "linear_probe_accuracy % |" in header
+
+
+def test_a_crash_while_writing_search_yaml_leaves_the_old_one(tmp_path, monkeypatch):
+    from tune.storage import write_text
+    write_text(str(tmp_path / "search.yaml"), "old: 1\n")
+
+    def crash(*args):
+        raise KeyboardInterrupt  # killed after writing, before the new file takes the name
+
+    monkeypatch.setattr("os.replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_text(str(tmp_path / "search.yaml"), "new: 2\n")
+    assert (tmp_path / "search.yaml").read_text() == "old: 1\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["search.yaml"]

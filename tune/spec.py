@@ -190,7 +190,9 @@ def _apply_cli(values: dict, overrides: list[str]) -> None:
             if len(parts) != 3:
                 raise SearchError(f"override '{text}': expected arms.NAME.dotted.key=value")
             values["arms"].setdefault(parts[1], {})[parts[2]] = value
-        elif key.split(".")[0] in {f.name for f in dataclasses.fields(Config)}:
+        elif (key.split(".")[0] in {f.name for f in dataclasses.fields(Config)}
+              and key.split(".")[0] not in {f.name for f in dataclasses.fields(SearchFile)}):
+            # `seed` is both: the search file's (the sampler's) wins, as documented.
             raise SearchError(f"override '{text}': '{key}' is a trainer key; the command line sets "
                               f"the search YAML's keys, so write overrides.{key}={value}")
         else:
@@ -255,6 +257,11 @@ def parse_search(values: dict, *, folder: Path = Path("."), cli: list[str] = (),
     base = _load_base(search.base, folder)
     try:
         for key, value in search.overrides.items():
+            if key in RESERVED_KEYS:
+                # The trial would overwrite it, so the user's value would be dropped unseen.
+                raise SearchError(f"overrides '{key}': each trial sets it (its folder under "
+                                  f"storage_path/name; no test split; no progress bar); remove it, "
+                                  f"and move the search with storage_path=DIR")
             set_dotted(base, key, value)
         # The full config, defaults included, so the saved search reproduces
         # even if a default changes later.

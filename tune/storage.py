@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from daae.atomic import atomic_write
+
 
 def is_remote(path: str) -> bool:
     return "://" in str(path)
@@ -34,8 +36,8 @@ def read_text(path: str) -> str:
 
 def write_text(path: str, text: str) -> None:
     if not is_remote(path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
+        # search.yaml is what --resume reads: never leave it half-written.
+        atomic_write(path, lambda handle: handle.write(text), binary=False)
         return
     fs, inner = _fs(path)
     fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from daae.atomic import atomic_write
 from daae.checkpoint import checkpoint_path
 from daae.config import Config
 
@@ -87,7 +88,8 @@ class Reporter:
             self._emit(step, metrics, None, final=False)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
-        (Path(path).parent / STEP_FILE).write_text(json.dumps({"step": step}))
+        text = json.dumps({"step": step})
+        atomic_write(Path(path).parent / STEP_FILE, lambda handle: handle.write(text), binary=False)
         if self.pending_metrics and self.pending_metrics[0] == step:
             _, metrics = self.pending_metrics
             self.pending_metrics = None
