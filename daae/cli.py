@@ -18,7 +18,7 @@ USER_ERRORS = (ConfigError, CheckpointError, DataError)
 def _train(args) -> int:
     from .config import load_config
     from .runs import load_run_config
-    from .train import train
+    from .train import NonFiniteLossError, train
 
     if args.resume and not args.config:
         config = load_run_config(args.resume, args.overrides)
@@ -26,7 +26,11 @@ def _train(args) -> int:
         config = load_config(args.config, args.overrides)
     else:
         raise ConfigError("daae train needs --config FILE (or --resume RUN_DIR)")
-    result = train(config, resume=args.resume)
+    try:
+        result = train(config, resume=args.resume)
+    except NonFiniteLossError as exc:  # its message says what to change and what was kept
+        log.error("%s", exc)
+        return 2
     log.info("finished %s: %s", result["run_dir"], json.dumps(
         {k: v for k, v in result.get("test", result.get("validation", {})).items()}))
     return 0

@@ -13,6 +13,7 @@ from typing import Optional
 
 import yaml
 
+from .atomic import atomic_write
 from .schema import ConfigError, apply_overrides, build_dataclass, read_yaml
 
 
@@ -282,7 +283,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    # Rewritten at every start and resume, and --resume, eval and sample read it:
+    # a kill mid-write must leave the old file, not half of the new one.
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    atomic_write(path, lambda handle: handle.write(text), binary=False)
 
 
 # ---------------------------------------------------------------------- validation

@@ -75,7 +75,9 @@ class SemiSupervisedData:
         return tuple(self.test.images.shape[1:])
 
     def train_images(self) -> ImageSet:
-        """Every training image outside validation, with its true label (for probes)."""
+        """Every training image outside validation, once, with its true label (for probes)."""
+        if self.labelled is self.unlabelled:  # protocol ALL: one set in both roles
+            return self.unlabelled
         return ImageSet(torch.cat([self.unlabelled.images, self.labelled.images]),
                         torch.cat([self.unlabelled.labels, self.labelled.labels]))
 

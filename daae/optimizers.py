@@ -6,6 +6,11 @@ import torch
 from .config import Config
 
 
+# Reference mode builds these only when their loss weight is above 0.
+OPTIONAL_OPTIMIZERS = {"consistency": "loss.consistency", "vat": "loss.vat",
+                       "independence": "loss.independence"}
+
+
 def build_optimizers(nets, config: Config) -> dict[str, torch.optim.Optimizer]:
     """One Adam per phase (reference) or per side (fused), in a fixed order."""
     train, loss = config.train, config.loss

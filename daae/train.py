@@ -18,7 +18,7 @@ from .data import load_data, to_float
 from .evaluate import evaluate, fit_probes, tensorboard_tags
 from .graphed import make_iteration
 from .grids import reconstruction_grid, save_png
-from .optimizers import lr_factor, restore_optimizer, set_learning_rates
+from .optimizers import OPTIONAL_OPTIMIZERS, lr_factor, restore_optimizer, set_learning_rates
 from .prepare import make_accelerator, prepare_training
 from .sample import tensorboard_generation
 from .runs import CONFIG_FILE, METRICS_FILE, config_changes, new_run_dir, record_resume, write_json
@@ -153,6 +153,17 @@ def _restore(state: dict, changes: dict, nets, optimizers, generator, accelerato
     resume's config changes (``runs.config_changes``), to name the model keys
     when the weights do not fit."""
     missing = set(optimizers) ^ set(state["optimizers"])
+    if missing and missing <= set(OPTIONAL_OPTIMIZERS):
+        switched = "; ".join(
+            f"{OPTIONAL_OPTIMIZERS[name]} is "
+            f"{'above 0' if name in optimizers else '0'} here, "
+            f"{'above 0' if name in state['optimizers'] else '0'} in the checkpoint"
+            for name in sorted(missing))
+        raise checkpoint.CheckpointError(
+            f"{path} does not fit this run's optimizers: {switched}. With train.step_mode=reference "
+            f"such a term has its own optimizer, so it cannot be switched on or off on resume: "
+            f"keep it as the run had it (or above 0 at a different weight), or use "
+            f"train.step_mode=fused, or start a new run")
     if missing:
         raise checkpoint.CheckpointError(
             f"{path} was written with other optimizers ({', '.join(sorted(state['optimizers']))}); "
@@ -298,8 +309,8 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
             if step_in_epoch == 0 or steps_timed == 0:
                 set_learning_rates(optimizers, epoch, config)
             losses = iteration(epoch, step_in_epoch)
+            step += 1  # counted as TensorBoard and checkpoints count it
             tracker.add(step, losses)
-            step += 1
             steps_timed += 1
             progress.update(1)
             if step % config.run.log_every == 0 or step == total_steps:

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -59,3 +60,12 @@ def test_user_errors_exit_2_with_a_message(tmp_path, caplog):
     assert "loss.decorrelation" in caplog.text
     assert main(["eval", "--checkpoint", str(tmp_path)]) == 2
     assert "not a daae run folder" in caplog.text
+
+
+def test_a_diverged_run_exits_2_with_the_fix_not_a_traceback(tmp_path, caplog):
+    run = ["train", "--config", str(SMOKE), f"run.dir={tmp_path}", "run.name=r",
+           "run.progress_bar=false", "eval.final_test=false", "eval.probe_epochs=1"]
+    assert main([*run, "train.max_steps=10"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "r"), "train.max_steps=40",
+                 "train.lr=1e38"]) == 2
+    assert re.search(r"non-finite at step 1\d .*last good checkpoint.*lower train\.lr", caplog.text)

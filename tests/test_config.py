@@ -29,6 +29,20 @@ def test_saved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "c.yaml") == config
 
 
+def test_a_crash_while_saving_the_config_leaves_the_old_one(tmp_path, monkeypatch):
+    old = load_config(CONFIGS[0], ["seed=3"])
+    save_config(old, tmp_path / "c.yaml")
+
+    def crash(*args):
+        raise KeyboardInterrupt  # killed after writing, before the new file takes the name
+
+    monkeypatch.setattr("os.replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_config(load_config(CONFIGS[0], ["seed=4"]), tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == old
+    assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]
+
+
 @pytest.mark.parametrize("override, names", [
     ("loss.adversarial_zz=1", "loss.adversarial_zz"),
     ("trian.lr=1", "trian"),

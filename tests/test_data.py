@@ -90,6 +90,15 @@ def test_split_keeps_validation_fixed_and_labelled_out_of_unlabelled():
     assert sum(len(p) for p in parts) == len(set.union(*parts)) == len(train)
 
 
+def test_probes_read_each_training_image_once_in_every_protocol():
+    train, test = make_synthetic(600, 50, 28)
+    for labels_per_class, expected in ((5, 500), (None, 500)):
+        data = split(train, test, DataConfig(name="synthetic", labels_per_class=labels_per_class,
+                                             validation_size=100), seed=0)
+        images = data.train_images().images.flatten(1)
+        assert len(images) == expected and len(torch.unique(images, dim=0)) == expected
+
+
 def test_too_many_labels_per_class_is_a_clear_error():
     train, test = make_synthetic(200, 20, 28)
     with pytest.raises(DataError, match="labels_per_class=30.*class"):

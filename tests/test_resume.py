@@ -76,6 +76,18 @@ def test_resuming_with_another_model_names_the_changed_key(tmp_path):
               resume=tmp_path / "r")
 
 
+def test_switching_a_term_with_its_own_optimizer_on_resume_names_the_key(tmp_path):
+    import pytest
+
+    common = ("eval.final_test=false", "eval.probe_epochs=1", "train.step_mode=reference")
+    train(tiny_config(tmp_path, "run.name=r", "train.max_steps=4", "loss.independence=0", *common))
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"loss\.independence is above 0 here, 0 in the checkpoint.*"
+                             r"train\.step_mode=fused"):
+        train(tiny_config(tmp_path, "run.name=r", "train.max_steps=8", "loss.independence=1",
+                          *common), resume=tmp_path / "r")
+
+
 def test_a_new_run_never_overwrites_an_existing_one(tmp_path):
     import pytest
     from daae.config import ConfigError
