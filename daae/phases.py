@@ -270,7 +270,7 @@ def virtual_adversarial_perturbation(ctx: StepContext, x: torch.Tensor,
 def reconstruction_phase(ctx: StepContext, optimizer, x: torch.Tensor, weight: float):
     with ctx.accelerator.autocast():
         logits_y, z = ctx.wrapped["encoder"](ctx.noisy(x))
-        x_hat = ctx.wrapped["decoder"](logits_y.softmax(1), z)
+        x_hat = ctx.wrapped["decoder"](logits_y.float().softmax(1), z)
     loss = F.mse_loss(x_hat.float(), x)
     ctx.step(optimizer, weight * loss)
     return {"reconstruction": loss.detach()}
@@ -363,7 +363,7 @@ def decorrelation_phase(ctx: StepContext, optimizer, rows: torch.Tensor, weight:
     with (frozen(ctx.plain.correlation), ctx.accelerator.autocast(),
           batch_norm_as(ctx.plain.encoder, batch_norm)):
         logits_y, z = ctx.wrapped["encoder"](rows)
-        logits_c = ctx.plain.correlation(z)
+        logits_c = ctx.plain.correlation(z.float())
     loss = decorrelation_loss(logits_c, correlation_targets(logits_y, target_kind), objective)
     ctx.step(optimizer, weight * loss)
     return {"decorrelation": loss.detach()}

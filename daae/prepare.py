@@ -52,6 +52,21 @@ class TrainingSetup:
     ctx: phases.StepContext
 
 
+def _plain_forwards(nets) -> None:
+    """Undo Accelerate's mixed-precision forward on each network. It replaces
+    the module's own ``forward`` (the one DDP calls too) with one under autocast,
+    so the networks would also run in low precision where daae means fp32: VAT's
+    power iteration (a small KL's gradient underflows in bf16 and fp16: the
+    direction flipped for some images) and the evaluation during training,
+    which then disagreed with ``daae eval`` on the same checkpoint. Every
+    training forward runs in an explicit ``accelerator.autocast()`` and casts
+    what it hands a loss to fp32, so training keeps its precision."""
+    for name in NETWORK_ORDER:
+        attributes = vars(getattr(nets, name))
+        if "_original_forward" in attributes:
+            del attributes["_original_forward"], attributes["forward"]
+
+
 def prepare_training(config: Config, accelerator: Accelerator, data) -> TrainingSetup:
     """Networks, optimizers (one accelerator.prepare call, fixed order), the
     process's random stream and on-device batches: all one iteration needs."""
@@ -72,16 +87,18 @@ def prepare_training(config: Config, accelerator: Accelerator, data) -> Training
     prepared = accelerator.prepare(*(getattr(nets, name) for name in NETWORK_ORDER),
                                    *optimizers.values())
     wrapped = dict(zip(NETWORK_ORDER, prepared[:len(NETWORK_ORDER)]))
+    _plain_forwards(nets)
     if config.train.compile != "no":
         # Only the training forwards: evaluation and the reference order's frozen
         # forwards use the eager networks, so varying batch sizes and frozen
         # weights never trigger recompiles. A run's shapes are fixed: static
         # graphs, also when an earlier run in this process compiled other shapes.
         mode = None if config.train.compile == "default" else config.train.compile
-        # Under mixed precision Accelerate gives every network the same forward
-        # wrapper, so Dynamo files every network's graph (one per input shape)
-        # under one function; past its default limit of 8 the rest ran eager,
-        # with only a warning (bench_step on an H200).
+        # Dynamo files graphs per function and input shape; when Accelerate's
+        # shared forward wrapper still stood (mixed precision, before
+        # _plain_forwards), every network's graph fell under one function, past
+        # the default limit of 8, and the rest ran eager with only a warning
+        # (bench_step on an H200). The raised limit stays as a margin.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                    8 * len(wrapped))
         wrapped = {name: torch.compile(module, mode=mode, dynamic=False)

@@ -111,6 +111,20 @@ def test_variants_train_and_learn(tmp_path, overrides):
     assert result["validation"]["accuracy"] > 0.5
 
 
+def test_a_mixed_precision_run_reports_what_daae_eval_reads_from_its_checkpoint(tmp_path):
+    """Under bf16 only the training forwards run in low precision: the final
+    evaluation (and VAT's power iteration) use the networks in fp32, as
+    ``daae eval`` does on the checkpoint."""
+    from daae.evaluate import evaluate_run
+
+    result = train(tiny_config(tmp_path, "run.name=r", "train.max_steps=20", "eval.final_test=false",
+                               "eval.probe_epochs=1", "train.mixed_precision=bf16"))
+    again = evaluate_run(tmp_path / "r", "validation", generation=False)
+    assert again["validation_accuracy"] == result["validation"]["accuracy"]
+    for key in ("recon_mse", "z_std", "adversary_accuracy", "probe_accuracy"):
+        assert again[key] == result["validation"][key], key
+
+
 def test_non_finite_loss_names_phase_and_step_and_keeps_last_checkpoint(tmp_path):
     train(tiny_config(tmp_path, "run.name=r", "train.max_steps=10", "eval.final_test=false"))
     good = checkpoint.load(tmp_path / "r")
