@@ -82,24 +82,49 @@ class LossTracker:
                                             first_bad.clamp_max(step))
 
     def check(self) -> None:
-        bad = [(step, name) for names, first_bad in self.first_bad.items()
+        """Raises on every process when a loss went non-finite on any: one
+        process stopping alone would leave the others waiting in their next
+        collective (until NCCL's timeout, under a launcher that does not kill them)."""
+        first_bads = _across_processes(self.first_bad, torch.distributed.ReduceOp.MIN)
+        bad = [(step, name) for names, first_bad in first_bads.items()
                for step, name in zip(first_bad.tolist(), names) if step != self.NEVER]
         if bad:
             step, name = min(bad)
             raise NonFiniteLossError(f"the {name} loss became non-finite at step {step}")
 
     def pop_means(self) -> dict[str, float]:
+        """Each loss's mean since the last call, over every process's batches
+        (every process has run the same steps)."""
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
-        for names, sums in self.sums.items():
+        processes = _process_count()
+        all_sums = _across_processes(self.sums, torch.distributed.ReduceOp.SUM)
+        for names, sums in all_sums.items():
             if self.counts[names] == 0:
                 continue
             for name, total in zip(names, sums.tolist()):
                 totals[name] = totals.get(name, 0.0) + total
-                counts[name] = counts.get(name, 0) + self.counts[names]
+                counts[name] = counts.get(name, 0) + self.counts[names] * processes
+        for sums in self.sums.values():
             sums.zero_()
-            self.counts[names] = 0
+        self.counts = dict.fromkeys(self.counts, 0)
         return {name: totals[name] / counts[name] for name in sorted(totals, key=LOSS_NAMES.index)}
+
+
+def _process_count() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else 1
+
+
+def _across_processes(tensors: dict, op) -> dict:
+    """``tensors`` reduced with ``op`` over the processes, in one collective;
+    the same dict when there is one process. Every process holds the same keys
+    in the same order: they come from the same steps."""
+    if _process_count() == 1 or not tensors:
+        return tensors
+    flat = torch.cat(list(tensors.values()))
+    torch.distributed.all_reduce(flat, op=op)
+    return dict(zip(tensors, flat.split([len(t) for t in tensors.values()])))
 
 
 # ------------------------------------------------------------------------- helpers

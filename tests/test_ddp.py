@@ -34,3 +34,33 @@ def test_two_cpu_processes_keep_identical_parameters(tmp_path, step_mode, codes)
         assert torch.equal(tensor, ranks[1]["state"][name]), name
     # Each rank drew its own batches: 60 steps of 2 x 50 images moved the weights.
     assert (tmp_path / "ddp" / "checkpoints" / "last.pt").is_file()
+
+
+def _tracker_process(rank: int, init_file: str, out: str) -> None:
+    from daae.train import LossTracker, NonFiniteLossError
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=2)
+    tracker = LossTracker(torch.device("cpu"))
+    tracker.add(1, {"reconstruction": torch.tensor(1.0 + rank), "supervised": torch.tensor(3.0)})
+    tracker.check()
+    means = tracker.pop_means()
+    # A loss that went non-finite on rank 1 only, as one batch's overflow can.
+    tracker.add(2, {"reconstruction": torch.tensor(float("nan") if rank else 1.0),
+                    "supervised": torch.tensor(3.0)})
+    try:
+        tracker.check()
+        stopped = None
+    except NonFiniteLossError as exc:
+        stopped = str(exc)
+    torch.save({"means": means, "stopped": stopped}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_every_process_logs_the_mean_over_all_and_stops_when_any_diverges(tmp_path):
+    torch.multiprocessing.spawn(_tracker_process, args=(str(tmp_path / "init"), str(tmp_path)),
+                                nprocs=2)
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result["means"] == {"reconstruction": 1.5, "supervised": 3.0}
+        assert result["stopped"] == "the reconstruction loss became non-finite at step 2"
