@@ -145,6 +145,16 @@ def test_aws_node_types_state_what_their_instances_have():
         assert "IamInstanceProfile" in node_type["node_config"], name  # workers write to S3
 
 
+def test_aws_nodes_name_their_image_so_ray_never_picks_its_ubuntu_18_default():
+    # Ray's default AMI (Ubuntu 18.04, glibc 2.27) cannot install the pinned
+    # torch wheels; every node type names the one image the README looks up.
+    images = {name: node_type["node_config"].get("ImageId", "")
+              for name, node_type in prepared("aws")["available_node_types"].items()}
+    assert len(set(images.values())) == 1, images  # the head installs the same way
+    assert all(image and image.lower() != "latest_dlami" for image in images.values()), images
+    assert "base-oss-nvidia-driver-gpu-ubuntu-22.04" in (CLUSTER / "aws.yaml").read_text()
+
+
 # ------------------------------------------------------------------------- KubeRay
 
 def pods(cluster_spec: dict) -> list[dict]:
@@ -289,6 +299,11 @@ def test_slurm_script_parses_and_requests_one_task_per_node(name):
     options = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.M))
     assert options["ntasks-per-node"] == "1" and int(options["nodes"]) >= 2
     assert "gpus-per-task" in options or "gpus-per-node" in options
+    # Every step that does the work names its CPUs (srun stopped inheriting
+    # --cpus-per-task from sbatch in SLURM 22.05).
+    work_steps = [line for line in text.splitlines()
+                  if line.lstrip().startswith("srun ") and "hostname" not in line]
+    assert work_steps and all("--cpus-per-task=" in line for line in work_steps), work_steps
     # Only lines that precede the first command count as #SBATCH options.
     first_command = re.search(r"^[^#\n]", text, re.M).start()
     assert text.rfind("#SBATCH") < first_command
