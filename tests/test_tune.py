@@ -176,6 +176,27 @@ def test_multi_gpu_trials_run_as_a_torch_trainer(tmp_path):
     assert scaling.resources_per_worker == {"CPU": 4.0, "GPU": 1.0}
 
 
+def test_a_distributed_trials_run_folder_travels_without_its_checkpoints(tmp_path):
+    """Rank 0 may train on another node than the trial function, which alone
+    Tune uploads from (bucket storage): the run folder comes back whole."""
+    from tune.distributed import run_folder_files, write_run_folder_files
+
+    written = {"config.yaml": b"seed: 0\n", "events.out.tfevents.1.node.7": b"\x00events",
+               "images/step_00040.png": b"png", "metrics.json": b"{}"}
+    source = tmp_path / "rank0"
+    for relative, data in {**written, "checkpoints/last.pt": b"weights",
+                           "workers-1a2b3c4d/state.json": b"ray train"}.items():
+        (source / relative).parent.mkdir(parents=True, exist_ok=True)
+        (source / relative).write_bytes(data)
+    files = run_folder_files(source)
+    assert files == written
+    target = tmp_path / "trial"
+    target.mkdir()
+    (target / "result.json").write_text("{}")  # Tune's own files stay
+    write_run_folder_files(target, files)
+    assert run_folder_files(target) == {**written, "result.json": b"{}"}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("DAAE_TEST_DISTRIBUTED"),
                     reason="a 2-worker TorchTrainer trial takes about a minute on 2 CPUs; "

@@ -7,7 +7,9 @@ The trainer calls its hooks on the main process only, but Ray Train's
 sends its evaluations and checkpoint bytes through a Ray queue to this trial's
 function, which reports them to Tune like a single-process trial; the
 checkpoint travels as bytes because the workers may sit on other nodes than
-the trial function.
+the trial function, and so, when training ends, do the run folder's other
+files (TensorBoard events, images, metrics), which Tune uploads from the
+trial function's node only.
 """
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ import threading
 import uuid
 from pathlib import Path
 
+from daae.atomic import atomic_write
 from daae.checkpoint import checkpoint_path
 from daae.config import Config, from_dict, to_dict
 
 from .spec import Resources
 from .trial import Reporter
 
+INNER_RUN_PREFIX = "workers-"  # Ray Train's folder for the inner trainer, inside the run folder
+_NOT_SHIPPED = ("checkpoints",)
 
 
 def scaling_config(resources: Resources):
@@ -33,8 +38,9 @@ def scaling_config(resources: Resources):
     per_worker = {"CPU": resources.cpu / workers}
     if resources.gpu:
         per_worker["GPU"] = resources.gpu / workers
-    # One node per trial: the trial's run folder (Ray Train's storage_path) is
-    # local to the node that started it when the experiment lives in a bucket.
+    # Every worker on one node (NCCL within a machine). That node need not be
+    # the trial function's: with a bucket, rank 0 ships the run folder back
+    # when training ends (run_folder_files).
     return ScalingConfig(num_workers=workers, use_gpu=resources.gpu > 0,
                          resources_per_worker=per_worker, placement_strategy="STRICT_PACK")
 
@@ -48,7 +54,7 @@ def build_trainer(config: Config, run_dir: Path, resume_bytes, channel, resource
                    "resume": resume_bytes, "channel": channel}
     # Tune retries the whole trial from its own checkpoint; a second retry
     # layer inside Ray Train would resume from a checkpoint Tune never saw.
-    run_config = RunConfig(name=f"workers-{uuid.uuid4().hex[:8]}",
+    run_config = RunConfig(name=f"{INNER_RUN_PREFIX}{uuid.uuid4().hex[:8]}",
                            storage_path=storage_path, failure_config=FailureConfig(max_failures=0))
     return TorchTrainer(worker_loop, train_loop_config=loop_config,
                         scaling_config=scaling_config(resources), run_config=run_config)
@@ -85,6 +91,34 @@ def worker_loop(loop_config: dict) -> None:
         train(config, resume=run_dir, hooks=hooks)
     else:
         train(config, run_dir=run_dir, hooks=hooks)
+    if ray.train.get_context().get_world_rank() == 0:
+        # Sent after train() returned, so every file is closed and complete.
+        channel.put(("files", None, (_node_id(), run_folder_files(run_dir))))
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def run_folder_files(run_dir: Path) -> dict[str, bytes]:
+    """What the trainer wrote into ``run_dir`` (config, metrics, TensorBoard
+    events, images), by relative path; not the checkpoints, which travel on
+    their own, nor Ray Train's state of the inner trainer."""
+    run_dir = Path(run_dir)
+    return {str(path.relative_to(run_dir)): path.read_bytes()
+            for path in sorted(run_dir.rglob("*"))
+            if path.is_file() and path.relative_to(run_dir).parts[0] not in _NOT_SHIPPED
+            and not path.relative_to(run_dir).parts[0].startswith(INNER_RUN_PREFIX)}
+
+
+def write_run_folder_files(run_dir: Path, files: dict[str, bytes]) -> None:
+    for relative, data in files.items():
+        target = Path(run_dir) / relative
+        if target.is_file() and target.read_bytes() == data:
+            continue  # a shared file system showed both nodes the same folder
+        atomic_write(target, lambda handle, data=data: handle.write(data))
 
 
 def train_distributed(config: Config, run_dir: Path, resume: bool, reporter: Reporter,
@@ -120,6 +154,14 @@ def train_distributed(config: Config, run_dir: Path, resume: bool, reporter: Rep
                 break
             if kind == "evaluation":
                 reporter.on_evaluation(step, payload)
+            elif kind == "files":
+                # Rank 0 on another node than this function wrote the run folder
+                # there; with a bucket, Tune uploads only this node's trial folder
+                # (its artifacts, at the final report), so bring the files here.
+                # On this node they are the same files already.
+                node, files = payload
+                if node != _node_id():
+                    write_run_folder_files(run_dir, files)
             else:
                 target = staging / "last.pt"
                 target.write_bytes(payload)

@@ -365,9 +365,11 @@ def _check_resources(r: Resources) -> None:
     if r.workers is not None:
         if r.workers < 1:
             raise SearchError(f"resources.workers: must be at least 1, got {r.workers}")
-        if r.gpu > 1 and r.workers != int(r.gpu):
-            raise SearchError(f"resources.workers: {r.workers} workers for {int(r.gpu)} GPUs; "
-                              f"a distributed trial uses one GPU per worker")
+        # Workers sharing a GPU would share one device too, which NCCL refuses.
+        if r.gpu > 0 and (r.gpu > 1 or r.workers > 1) and r.workers != r.gpu:
+            raise SearchError(f"resources.workers: {r.workers} workers for {r.gpu:g} GPUs; "
+                              f"a distributed trial uses one whole GPU per worker (set "
+                              f"resources.gpu={r.workers}, or gpu: 0 for CPU workers)")
 
 
 def _check_schedule(spec: SearchSpec) -> None:
