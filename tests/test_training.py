@@ -137,6 +137,26 @@ def test_non_finite_loss_names_phase_and_step_and_keeps_last_checkpoint(tmp_path
         assert torch.equal(tensor, kept["networks"][name])
 
 
+def test_a_non_finite_loss_is_named_at_the_step_tensorboard_gives_it(tmp_path, monkeypatch):
+    import daae.train
+
+    make_iteration = daae.train.make_iteration
+
+    def poisoned_third_iteration(*args):
+        iteration, calls = make_iteration(*args), []
+
+        def run(*step_args):
+            losses = iteration(*step_args)
+            calls.append(None)
+            return {**losses, "supervised": torch.tensor(float("nan"))} if len(calls) == 3 else losses
+        return run
+
+    monkeypatch.setattr(daae.train, "make_iteration", poisoned_third_iteration)
+    # The third step: TensorBoard logs its losses at step 3, its checkpoint would be step 3.
+    with pytest.raises(NonFiniteLossError, match=r"the supervised loss became non-finite at step 3 \("):
+        train(tiny_config(tmp_path, "train.max_steps=10", "run.log_every=5"))
+
+
 def test_logged_means_span_a_term_starting_mid_window_and_the_first_bad_step_is_named():
     def losses(**values):
         return {name: torch.tensor(value) for name, value in values.items()}
