@@ -7,6 +7,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -178,23 +179,35 @@ def test_multi_gpu_trials_run_as_a_torch_trainer(tmp_path):
 
 def test_a_distributed_trials_run_folder_travels_without_its_checkpoints(tmp_path):
     """Rank 0 may train on another node than the trial function, which alone
-    Tune uploads from (bucket storage): the run folder comes back whole."""
-    from tune.distributed import run_folder_files, write_run_folder_files
+    Tune uploads from (bucket storage): what changed in the run folder goes
+    to the trial function at each evaluation, whole files, checkpoints aside."""
+    from tune.distributed import RunFolderShipper, write_run_folder_files
 
     written = {"config.yaml": b"seed: 0\n", "events.out.tfevents.1.node.7": b"\x00events",
-               "images/step_00040.png": b"png", "metrics.json": b"{}"}
+               "images/step_00040.png": b"png"}
     source = tmp_path / "rank0"
     for relative, data in {**written, "checkpoints/last.pt": b"weights",
                            "workers-1a2b3c4d/state.json": b"ray train"}.items():
         (source / relative).parent.mkdir(parents=True, exist_ok=True)
         (source / relative).write_bytes(data)
-    files = run_folder_files(source)
-    assert files == written
+    messages = []
+    shipper = RunFolderShipper(source, SimpleNamespace(put=messages.append))
+    shipper.ship()
+    shipper.ship()  # nothing changed: nothing sent
+    with open(source / "events.out.tfevents.1.node.7", "ab") as events:
+        events.write(b"+more")
+    (source / "metrics.json").write_bytes(b"{}")
+    shipper.ship()
+    assert [(kind, sorted(files)) for kind, _, files in messages] == [
+        ("files", sorted(written)), ("files", ["events.out.tfevents.1.node.7", "metrics.json"])]
     target = tmp_path / "trial"
     target.mkdir()
     (target / "result.json").write_text("{}")  # Tune's own files stay
-    write_run_folder_files(target, files)
-    assert run_folder_files(target) == {**written, "result.json": b"{}"}
+    for _, _, files in messages:
+        write_run_folder_files(target, files)
+    assert {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*") if p.is_file()} == {
+        **written, "events.out.tfevents.1.node.7": b"\x00events+more", "metrics.json": b"{}",
+        "result.json": b"{}"}
 
 
 @pytest.mark.slow

@@ -101,6 +101,13 @@ def test_trainer_key_on_the_command_line_points_to_overrides():
         load_search(SMOKE, ["train.max_steps=7"])
 
 
+def test_a_reserved_key_is_refused_also_as_a_section_on_the_command_line():
+    with pytest.raises(SearchError, match="overrides 'eval.final_test': each trial sets it"):
+        load_search(SMOKE, ["overrides.eval={final_test: true}"])
+    spec = load_search(SMOKE, ["overrides.eval={probe_epochs: 2, batch_size: 64}"])
+    assert spec.trainer_config({}).eval.probe_epochs == 2 and spec.trainer_config({}).eval.batch_size == 64
+
+
 def test_seed_on_the_command_line_is_the_search_samplers():
     spec = load_search(SMOKE, ["seed=3"])
     assert spec.file.seed == 3

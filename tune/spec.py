@@ -249,6 +249,8 @@ def parse_search(values: dict, *, folder: Path = Path("."), cli: list[str] = (),
     values["arms"] = {str(name): _dotted_mapping(f"arms.{name}", arm) for name, arm in arms.items()}
     _apply_cli(values, list(cli))
     _plain_values(values)
+    # Again: `overrides.eval={final_test: true}` on the command line is a section too.
+    values["overrides"] = _dotted_mapping("overrides", values["overrides"])
     search = build(SearchFile, values)
     if search.base is None:
         raise SearchError("base: a search needs a trainer config (a path or a mapping)")

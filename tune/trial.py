@@ -173,7 +173,8 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     if spec.file.resources.num_workers > 1:
         from .distributed import train_distributed
 
-        train_distributed(config, run_dir, resumed_from > 0, reporter, spec.file.resources)
+        train_distributed(config, run_dir, resumed_from > 0, reporter, spec.file.resources,
+                          run_dir_shared=setup.experiment_dir is not None)
         return
     hooks = Hooks(on_evaluation=reporter.on_evaluation, on_checkpoint=reporter.on_checkpoint)
     if resumed_from:
