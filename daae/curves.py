@@ -48,7 +48,8 @@ def read_scalars(logdir: str | Path, tags) -> dict[str, dict[str, list[tuple[int
                 by_step = {e.step: e.value for e in events.Scalars(tag)}
                 series[tag] = sorted(by_step.items())
         if series:
-            runs[str(folder.relative_to(logdir)) if folder != logdir else logdir.name] = series
+            # resolve(): `--logdir .` would otherwise be named "".
+            runs[str(folder.relative_to(logdir)) if folder != logdir else logdir.resolve().name] = series
     if not runs:
         raise ConfigError(f"--tags: none of {', '.join(tags)} is in the event files under {logdir}")
     return runs

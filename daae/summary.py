@@ -21,8 +21,10 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from .config import CLASS_WHITENED_METRICS, ConfigError
-from .runs import METRICS_FILE
+from .runs import METRICS_FILE, RESUMES_FILE
 
 # Metrics that runs written before they existed lack (or hold as null): their column reads "–".
 OPTIONAL = {"adversary_floor", "run_train_seconds", *CLASS_WHITENED_METRICS}
@@ -66,7 +68,22 @@ def _read_metrics(run_dir: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run_dir} is not a finished `daae train` run "
                           f"(metrics.json is written at the end of training)")
-    return json.loads(path.read_text())
+    metrics = json.loads(path.read_text())
+    resumed_at = _last_resume_step(run_dir)
+    # A resume writes resumes.yaml as it starts, metrics.json only as it ends:
+    # until then metrics.json is an earlier stretch's.
+    if (resumed_at is not None and resumed_at >= metrics["step"]
+            and (run_dir / RESUMES_FILE).stat().st_mtime_ns > path.stat().st_mtime_ns):
+        raise ConfigError(f"{run_dir} was resumed at step {resumed_at} and has not finished since: "
+                          f"its metrics.json is from step {metrics['step']}. Wait for it, or read "
+                          f"its evaluations so far with --at STEP or --between FIRST LAST")
+    return metrics
+
+
+def _last_resume_step(run_dir: Path) -> int | None:
+    path = run_dir / RESUMES_FILE
+    entries = (yaml.safe_load(path.read_text()) if path.is_file() else None) or []
+    return entries[-1]["step"] if isinstance(entries, list) and entries else None
 
 
 def _value(metrics: dict, split, name, scale, path) -> float | None:
@@ -130,7 +147,12 @@ def _run_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
     # The trainer's own metric-to-tag mapping, turned around: {tag: metric}.
     metrics = tensorboard_tags("val", {metric: metric for _, metric, _ in VALIDATION_COLUMNS})
-    runs = read_scalars(run_dir, list(metrics))
+    if not run_dir.is_dir() or not any(run_dir.rglob("events.out.tfevents.*")):
+        raise ConfigError(f"{run_dir}: no TensorBoard event files (not a `daae train` run folder)")
+    try:
+        runs = read_scalars(run_dir, list(metrics))
+    except ConfigError:  # its message names daae curves' flags
+        raise ConfigError(f"{run_dir}: never evaluated yet (run.eval_every sets how often)") from None
     if len(runs) != 1:
         raise ConfigError(f"{run_dir} holds the events of {len(runs)} runs ({', '.join(runs)}): "
                           f"name each run folder")
@@ -169,20 +191,28 @@ def summarize_steps(run_dirs, windows) -> list[dict]:
                             else "never evaluated")
                     raise ConfigError(f"{run_dir}: no validation evaluation at {where} ({span}; "
                                       f"run.eval_every sets how often)")
+            counts = [0 if read is None else read[1] for read in found]
             if metric == "accuracy":
-                summary["evaluations"] = [count for _, count in found]
-            summary[column] = _column_stats([None if read is None else read[0] for read in found])
+                summary["evaluations"] = counts
+            # A column may rest on fewer evaluations than the accuracy (the probes
+            # only at the final evaluations of runs without probes during training).
+            summary[column] = {**_column_stats([None if read is None else read[0] for read in found]),
+                               "evaluations": counts}
         summaries.append(summary)
     return summaries
 
 
 def markdown_steps(summaries: list[dict], label: str) -> str:
     """One table row per window: mean ± std (each run's value)."""
-    def cell(stats):
+    def cell(stats, evaluations):
         if stats["mean"] is None:
             return "–"
         each = " / ".join(f"{value:.2f}" for value in stats["values"])
-        return _cell(stats, 2) + (f" ({each})" if len(stats["values"]) > 1 else "")
+        text = _cell(stats, 2) + (f" ({each})" if len(stats["values"]) > 1 else "")
+        if stats["evaluations"] != evaluations:
+            text += (f" [at {'/'.join(map(str, stats['evaluations']))} of "
+                     f"{'/'.join(map(str, evaluations))} evaluations]")
+        return text
 
     shown = _shown(summaries, [(column, metric) for column, metric, _ in VALIDATION_COLUMNS])
     rows = []
@@ -190,8 +220,8 @@ def markdown_steps(summaries: list[dict], label: str) -> str:
         first, last = summary["first_step"], summary["last_step"]
         rows.append({"runs": label, "n": str(summary["runs"]),
                      "steps": str(first) if first == last else f"{first}-{last}",
-                     **{column: cell(summary[column]) for column, *_ in VALIDATION_COLUMNS
-                        if column in shown}})
+                     **{column: cell(summary[column], summary["evaluations"])
+                        for column, *_ in VALIDATION_COLUMNS if column in shown}})
     return markdown_table(rows, lambda key, value: value)
 
 

@@ -88,6 +88,23 @@ def test_summary_names_an_unfinished_run_and_missing_test_metrics(tmp_path, capl
     assert "no test/accuracy (the run had eval.final_test=false)" in caplog.text
 
 
+def test_summary_refuses_a_run_resumed_past_its_metrics_until_it_finishes(tmp_path, caplog, capsys):
+    import os
+
+    run = _finished_run(tmp_path / "going_on", 0.9, 0.1)  # metrics.json of step 1500
+    (tmp_path / "going_on" / "resumes.yaml").write_text("- step: 1500\n  changed: {}\n")
+    assert main(["summary", run]) == 2
+    assert "resumed at step 1500 and has not finished since: its metrics.json is from step 1500" in caplog.text
+
+    # Resumed at 1000 and finished at 1500: copies may give resumes.yaml the later time.
+    done = _finished_run(tmp_path / "done", 0.9, 0.1)
+    resumes = tmp_path / "done" / "resumes.yaml"
+    resumes.write_text("- step: 1000\n  changed: {}\n")
+    later = (tmp_path / "done" / "metrics.json").stat().st_mtime_ns + 10**9
+    os.utime(resumes, ns=(later, later))
+    assert main(["summary", done]) == 0
+
+
 def _logged_run(folder, accuracy_by_step, adversary=0.12, probes=True, whitened=False):
     """A run folder with the validation scalars training writes at each evaluation."""
     from torch.utils.tensorboard import SummaryWriter
@@ -141,6 +158,21 @@ def test_summary_between_averages_each_runs_evaluations_in_the_window(tmp_path, 
     assert window["validation accuracy %"]["values"] == pytest.approx([92.0, 97.0])
 
 
+def test_summary_between_says_when_a_column_rests_on_fewer_evaluations(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    # Probes at the final evaluation only (no probes during training).
+    run = _logged_run(tmp_path / "s0", {100: 0.90, 200: 0.94, 300: 0.96}, probes=False)
+    writer = SummaryWriter(run)
+    writer.add_scalar("decorrelation/val/probe_accuracy", 0.2, 300)
+    writer.close()
+    assert main(["summary", run, "--between", "100", "300", "--json"]) == 0
+    (window,) = json.loads(capsys.readouterr().out)
+    assert window["evaluations"] == [3] and window["validation MLP probe %"]["evaluations"] == [1]
+    assert main(["summary", run, "--between", "100", "300"]) == 0
+    assert "| 20.00 [at 1 of 3 evaluations] |" in capsys.readouterr().out
+
+
 def test_summary_at_steps_names_what_is_missing(tmp_path, caplog):
     run = _logged_run(tmp_path / "s0", {1000: 0.9, 2000: 0.95})
     assert main(["summary", run, "--at", "1500"]) == 2
@@ -149,6 +181,14 @@ def test_summary_at_steps_names_what_is_missing(tmp_path, caplog):
     assert "no validation evaluation at steps 2500-3000" in caplog.text
     assert main(["summary", run, "--between", "2000", "1000"]) == 2
     assert "expected 0 <= FIRST <= LAST" in caplog.text
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "starting"))  # a run that has logged losses only
+    writer.add_scalar("loss/reconstruction", 0.1, 50)
+    writer.close()
+    assert main(["summary", str(tmp_path / "starting"), "--at", "1000"]) == 2
+    assert "starting: never evaluated yet" in caplog.text
 
     _logged_run(tmp_path / "s1", {1000: 0.9})
     assert main(["summary", str(tmp_path), "--at", "1000"]) == 2
