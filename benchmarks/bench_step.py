@@ -182,8 +182,10 @@ def main(argv=None) -> int:
                          row["daae_reference_ops_per_step"], row["daae_fused_ops_per_step"])
             # Written after every row: a long run stopped early keeps what it measured.
             result = {"benchmark": "bench_step", "machine": machine(device), "steps": args.steps,
-                      "config": args.config, "overrides": args.set, "repeats": args.repeats, "batch_size": 100,
-                      "note": "images/s counts the unlabelled and the labelled batch (2 x 100 per step)",
+                      "config": args.config, "overrides": args.set, "repeats": args.repeats,
+                      "batch_size": config.train.batch_size,
+                      "note": f"images/s counts the unlabelled and the labelled batch "
+                              f"(2 x {config.train.batch_size} per step)",
                       "rows": rows, "peak_memory": peak_memory(device)}
             path = write_result(args.name or f"bench_step-{device.type}", result)
     log.info("wrote %s", path)

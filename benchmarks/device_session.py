@@ -24,7 +24,7 @@
    the same, and their last checkpoints are evaluated on the test split.
 3. Into --out, at most 8 files, none nested deeper than the machine returns:
    summary.md (`daae summary` of each arm's finished runs, the stopped ones
-   listed), session.json (the commands, how long, exit codes), the bench_step
+   listed), session.json (the commands, how long, exit codes, the machine), the bench_step
    and bench_tune JSONs, and runs.tar.gz (every run's config, metrics.json, events and logs; no
    checkpoints, which are too large to bring back).
 
@@ -94,6 +94,17 @@ def run_benchmark(out: Path, module: str, name: str, args: list[str], timeout_s:
     result = out / f"{name}.json"
     return {"command": command, "exit": code, "seconds": time.perf_counter() - started,
             "result": result.name if result.is_file() else None}
+
+
+def machine_info() -> dict:
+    """benchmarks.common.machine of the device, read in a child process once
+    the runs are done: this process never initialises CUDA itself."""
+    code = ("import json, torch; from benchmarks.common import machine; "
+            "print(json.dumps(machine(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))))")
+    done = subprocess.run(_python("-c", code), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if done.returncode:
+        return {"error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout)
 
 
 def train_commands(args, runs_dir: Path) -> dict[str, list[str]]:
@@ -260,6 +271,7 @@ def main(argv=None) -> int:
     codes = wait_for(start_runs(commands, runs_dir), started + args.budget_s)
     session.update(training_seconds=time.perf_counter() - started, runs=codes, commands=commands)
     stopped = evaluate_stopped(runs_dir, [n for n, code in codes.items() if code == STOPPED])
+    session["machine"] = machine_info()  # what the bench JSONs record too, for the training runs
     (out / "summary.md").write_text(summarize_arms(args.arms, runs_dir, codes, stopped))
     (out / "session.json").write_text(json.dumps(session, indent=2, sort_keys=True, default=str) + "\n")
     pack_runs(runs_dir, out / "runs.tar.gz")

@@ -36,9 +36,11 @@ def test_bench_step_runs_daae_options_against_the_plain_original(tmp_path, monke
                             "--repeats", "1", "--images", "600", "--name", "o",
                             "--set", "model.scale=0.05", "model.adversary_hidden=32",
                             "model.class_conditional_prior=true", "model.correlation_classifiers=2",
-                            "model.correlation_standardised=true"]) == 0
-    (row,) = json.loads((tmp_path / "o.json").read_text())["rows"]
+                            "model.correlation_standardised=true", "train.batch_size=40"]) == 0
+    result = json.loads((tmp_path / "o.json").read_text())
+    (row,) = result["rows"]
     assert row["reference_impl_images_per_s"] > 0 and row["daae_fused_images_per_s"] > 0
+    assert result["batch_size"] == 40 and "2 x 40 per step" in result["note"]
 
 
 def test_a_failed_cuda_graph_case_keeps_the_eager_figures(tmp_path, monkeypatch):
@@ -96,6 +98,7 @@ def test_device_session_trains_every_arm_and_packs_what_comes_back(tmp_path):
     assert not any(n.endswith(".pt") for n in names)
     session = json.loads((out / "session.json").read_text())
     assert session["runs"] == {"on-seed0": 0, "off-seed0": 0}
+    assert session["machine"]["device"] == "cpu" and session["machine"]["torch"].startswith("2.")
     for term in ("loss.decorrelation=0", "loss.independence=0"):
         assert term in session["commands"]["off-seed0"]
         assert term not in session["commands"]["on-seed0"]
