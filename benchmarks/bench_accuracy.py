@@ -31,7 +31,8 @@ from daae.evaluate import evaluate
 from daae.graphed import make_iteration
 from daae.optimizers import set_learning_rates
 from daae.prepare import make_accelerator, prepare_training
-from daae.train import LossTracker, planned_steps
+from daae.tracker import LossTracker
+from daae.train import planned_steps
 
 log = logging.getLogger("bench_accuracy")
 CPU_BUDGET_S = 600.0

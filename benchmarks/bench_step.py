@@ -32,7 +32,7 @@ from daae.config import load_config
 from daae.data import ImageSet, SemiSupervisedData
 from daae.graphed import make_iteration
 from daae.prepare import make_accelerator, prepare_training
-from daae.train import LossTracker
+from daae.tracker import LossTracker
 
 log = logging.getLogger("bench_step")
 MODELS = {"mlp": ["model.kind=mlp", "model.scale=1.0"], "conv": ["model.kind=conv", "model.scale=2.0"]}

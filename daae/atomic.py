@@ -19,8 +19,24 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = T
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
+        _sync_folder(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _sync_folder(folder: Path) -> None:
+    """The rename reaches the disk with the folder's entry; file systems that
+    cannot sync a folder (some network and FUSE mounts) keep it as they can."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

@@ -29,8 +29,12 @@ def load(path: str | Path) -> dict:
     if path.is_dir():
         path = checkpoint_path(path)
     if not path.is_file():
+        # A run stopped before its first checkpoint has only its config to go on with.
+        config = path.parent.parent / "config.yaml"
+        restart = (f" {config.parent} stopped before its first checkpoint: start it again with "
+                   f"daae train --config {config}" if config.is_file() else "")
         raise CheckpointError(f"no checkpoint at {path}: pass a run folder that holds "
-                              f"checkpoints/{LAST} (written every run.checkpoint_every steps).")
+                              f"checkpoints/{LAST} (written every run.checkpoint_every steps).{restart}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file

@@ -18,6 +18,7 @@ USER_ERRORS = (ConfigError, CheckpointError, DataError)
 def _train(args) -> int:
     from .config import load_config
     from .runs import load_run_config
+    from .interrupt import TrainingInterrupted
     from .train import NonFiniteLossError, train
 
     if args.resume and not args.config:
@@ -31,6 +32,9 @@ def _train(args) -> int:
     except NonFiniteLossError as exc:  # its message says what to change and what was kept
         log.error("%s", exc)
         return 2
+    except TrainingInterrupted as exc:
+        log.warning("%s", exc)
+        return 130  # the shell's code for a run stopped by Ctrl-C
     log.info("finished %s: %s", result["run_dir"], json.dumps(
         {k: v for k, v in result.get("test", result.get("validation", {})).items()}))
     return 0

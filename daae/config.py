@@ -381,3 +381,8 @@ def validate(config: Config) -> None:
              "stops on the held-out loss, so it needs eval.probe_holdout above 0 (or set it to 0)")
     for name in ("log_every", "eval_every", "checkpoint_every"):
         _require(getattr(config.run, name) >= 1, f"run.{name}", "must be at least 1")
+    name = config.run.name
+    _require(name is None or (name not in ("", ".", "..") and not set(name) & set("/\\")),
+             "run.name", f"must be a plain folder name (it goes under run.dir), got {name!r}")
+    # The random streams take seed * 1,000,003 + the process's rank as a 64-bit seed.
+    _require(0 <= config.seed < 2**32, "seed", f"must be in [0, 2**32), got {config.seed}")

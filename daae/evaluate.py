@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from .config import EvalConfig
+from .config import ConfigError, EvalConfig
 from .data import ImageSet, to_float
 from .models import Critic, Networks
 from .whitening import ClassWhitening, WhiteningError
@@ -90,6 +90,9 @@ def train_probe(probe: nn.Module, z: torch.Tensor, labels: torch.Tensor, config:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if not torch.isfinite(loss):  # a diverged probe answers one class: chance, read as no class in z
+            raise ConfigError(f"the probe's training loss became non-finite: lower eval.probe_lr "
+                              f"(now {config.probe_lr})")
         if held_out == 0:
             continue
         probe.eval()
@@ -264,10 +267,10 @@ def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device
     fitted on the training images' codes, and leaves out the adversary, which
     was trained on the raw codes."""
     from .consistency import generation_consistency
-    from .runs import load_trained_run
+    from .runs import load_trained_run, resolve_device
     from .whitening import whiten_networks
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     run = load_trained_run(run_dir, device, overrides)
     data = run.data
     target = data.test if split == "test" else data.validation

@@ -97,6 +97,21 @@ class TrainedRun:
     state: dict
 
 
+def resolve_device(device: str | None):
+    """``--device``: the name given, or the GPU when there is one, else the CPU."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this PyTorch sees no CUDA GPU; use --device cpu")
+    return resolved
+
+
 def load_trained_run(run_dir: str | Path, device="cpu", overrides: list[str] = ()) -> TrainedRun:
     """The networks of a run folder's last checkpoint, in eval mode, and its data."""
     config = load_run_config(run_dir, overrides)

@@ -111,7 +111,7 @@ def write_sample(run_dir, kind: str = "style", n: int = 8, seed: int = 0, out="s
     z re-expressed within its predicted class, so a style is a place within each
     class's spread of codes.
     """
-    from .runs import load_trained_run
+    from .runs import load_trained_run, resolve_device
     from .whitening import whiten_networks
 
     check_request(kind, n)
@@ -123,7 +123,7 @@ def write_sample(run_dir, kind: str = "style", n: int = 8, seed: int = 0, out="s
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist: pass the folder that "
                               f"`daae train` wrote (run.dir/run.name)")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     run = load_trained_run(run_dir, device)
     if class_map is not None:
         whiten_networks(run.nets, run.data.train_images(), run.config.eval.batch_size, device,
@@ -168,12 +168,12 @@ def split_latent_map(nets, images: ImageSet, num_classes: int, points: int, titl
 def write_latent_map(run_dir, out, split: str = "test", points: int = 2000, seed: int = 0,
                      device=None) -> Path:
     """The latent map of a run folder's last checkpoint as a PNG."""
-    from .runs import load_trained_run
+    from .runs import load_trained_run, resolve_device
 
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise SampleError(f"{out} must name a .png file")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     run = load_trained_run(run_dir, device)
     images = run.data.test if split == "test" else run.data.validation
     title = f"z of {min(points, len(images))} {split} images, step {int(run.state['step'])}"

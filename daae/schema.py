@@ -5,6 +5,7 @@ wrong type, raises naming the dotted key."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -44,7 +45,9 @@ def command_line_value(value: Any, hint: Any = None) -> Any:
         return value
     wants_text = hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
                                  and str in typing.get_args(hint) and value.parsed is not None)
-    return str(value) if wants_text else value.parsed
+    # Quotes typed around a text value (data.name="mnist") are YAML's, not the name's.
+    quoted = isinstance(value.parsed, str) and str(value)[:1] in "'\"" and str(value)[-1:] == str(value)[:1]
+    return (value.parsed if quoted else str(value)) if wants_text else value.parsed
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -71,14 +74,19 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # YAML 1.1 reads 1e-3 (no dot) as a string; it is plainly a float here.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # no setting means infinity or NaN here
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -125,13 +133,21 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def set_dotted(values: dict, key: str, value: Any) -> None:
+    """Set ``key`` in the nested ``values``; a mapping given for a section
+    (``train={lr: 0.1}``) is merged into it, so the section's other keys stay."""
     node = values
     parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{key}': expected a dotted key such as train.lr")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
         node = child
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        for sub_key, sub_value in value.items():
+            set_dotted(node[parts[-1]], str(sub_key), sub_value)
+        return
     node[parts[-1]] = value
 
 
@@ -142,12 +158,28 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key written twice in one mapping is an
+    error: plain YAML keeps the last, and the first block's settings vanish."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key '{key}' appears twice in one mapping (keep one)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
     if values is None:

@@ -68,7 +68,11 @@ def _read_metrics(run_dir: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run_dir} is not a finished `daae train` run "
                           f"(metrics.json is written at the end of training)")
-    metrics = json.loads(path.read_text())
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}): daae eval --checkpoint {run_dir} "
+                          f"--json reads the run's metrics again") from None
     resumed_at = _last_resume_step(run_dir)
     # A resume writes resumes.yaml as it starts, metrics.json only as it ends:
     # until then metrics.json is an earlier stretch's.

@@ -18,21 +18,14 @@ from .data import load_data, to_float
 from .evaluate import evaluate, fit_probes, tensorboard_tags
 from .graphed import make_iteration
 from .grids import reconstruction_grid, save_png
+from .interrupt import StopRequest, TrainingInterrupted
 from .optimizers import OPTIONAL_OPTIMIZERS, lr_factor, restore_optimizer, set_learning_rates
 from .prepare import make_accelerator, prepare_training
-from .sample import tensorboard_generation
 from .runs import CONFIG_FILE, METRICS_FILE, config_changes, new_run_dir, record_resume, write_json
+from .sample import tensorboard_generation
+from .tracker import LossTracker, NonFiniteLossError
 
 log = logging.getLogger(__name__)
-
-LOSS_NAMES = ("reconstruction", "discriminator_z", "discriminator_y", "adversarial_z",
-              "adversarial_y", "supervised", "correlation", "decorrelation", "consistency", "vat",
-              "independence")
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite; the run stops before writing another checkpoint."""
-
 
 @dataclass
 class Hooks:
@@ -49,84 +42,6 @@ def planned_steps(config: Config, steps_per_epoch: int) -> int:
     return total if config.train.max_steps is None else min(total, config.train.max_steps)
 
 
-class LossTracker:
-    """Sums losses on the device and remembers the first non-finite step of
-    each, so that the host only syncs when it logs or checkpoints. A step's
-    losses go in as one stacked vector: five operators a step, however many
-    losses (one at a time took 67 for the shipped configs' eleven, more host
-    time than a CUDA-graphed iteration's single replay)."""
-
-    NEVER = torch.iinfo(torch.long).max
-
-    def __init__(self, device):
-        self.device = device
-        # Keyed by the loss names a step returns, in its order (the set changes
-        # when a term starts): sums since the last pop, steps summed, and each
-        # loss's first non-finite step (NEVER if none).
-        self.sums: dict[tuple, torch.Tensor] = {}
-        self.counts: dict[tuple, int] = {}
-        self.first_bad: dict[tuple, torch.Tensor] = {}
-
-    def add(self, step: int, losses: dict) -> None:
-        names = tuple(losses)
-        values = torch.stack(tuple(losses.values()))
-        if names not in self.sums:
-            self.sums[names] = torch.zeros(len(names), device=self.device)
-            self.counts[names] = 0
-            self.first_bad[names] = torch.full((len(names),), self.NEVER, dtype=torch.long,
-                                               device=self.device)
-        self.sums[names] += values
-        self.counts[names] += 1
-        first_bad = self.first_bad[names]
-        self.first_bad[names] = torch.where(torch.isfinite(values), first_bad,
-                                            first_bad.clamp_max(step))
-
-    def check(self) -> None:
-        """Raises on every process when a loss went non-finite on any: one
-        process stopping alone would leave the others waiting in their next
-        collective (until NCCL's timeout, under a launcher that does not kill them)."""
-        first_bads = _across_processes(self.first_bad, torch.distributed.ReduceOp.MIN)
-        bad = [(step, name) for names, first_bad in first_bads.items()
-               for step, name in zip(first_bad.tolist(), names) if step != self.NEVER]
-        if bad:
-            step, name = min(bad)
-            raise NonFiniteLossError(f"the {name} loss became non-finite at step {step}")
-
-    def pop_means(self) -> dict[str, float]:
-        """Each loss's mean since the last call, over every process's batches
-        (every process has run the same steps)."""
-        totals: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        processes = _process_count()
-        all_sums = _across_processes(self.sums, torch.distributed.ReduceOp.SUM)
-        for names, sums in all_sums.items():
-            if self.counts[names] == 0:
-                continue
-            for name, total in zip(names, sums.tolist()):
-                totals[name] = totals.get(name, 0.0) + total
-                counts[name] = counts.get(name, 0) + self.counts[names] * processes
-        for sums in self.sums.values():
-            sums.zero_()
-        self.counts = dict.fromkeys(self.counts, 0)
-        return {name: totals[name] / counts[name] for name in sorted(totals, key=LOSS_NAMES.index)}
-
-
-def _process_count() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_world_size() if distributed else 1
-
-
-def _across_processes(tensors: dict, op) -> dict:
-    """``tensors`` reduced with ``op`` over the processes, in one collective;
-    the same dict when there is one process. Every process holds the same keys
-    in the same order: they come from the same steps."""
-    if _process_count() == 1 or not tensors:
-        return tensors
-    flat = torch.cat(list(tensors.values()))
-    torch.distributed.all_reduce(flat, op=op)
-    return dict(zip(tensors, flat.split([len(t) for t in tensors.values()])))
-
-
 # ------------------------------------------------------------------------- helpers
 
 def _resolve_run_dir(config: Config, accelerator: Accelerator, run_dir, resume) -> Path:
@@ -137,10 +52,40 @@ def _resolve_run_dir(config: Config, accelerator: Accelerator, run_dir, resume) 
         broadcast_object_list(chosen)
         run_dir = chosen[0]
     run_dir = Path(run_dir)
+    for folder, key in ((run_dir.parent, "run.dir"), (run_dir, "run.name")):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{folder} is a file, not a folder: choose another {key}")
     if checkpoint.checkpoint_path(run_dir).exists():
         raise ConfigError(f"run folder {run_dir} already holds a checkpoint: continue it with "
                           f"--resume {run_dir}, or choose another run.name")
     return run_dir
+
+
+# What draws the labelled subset and the validation split: a resume that
+# changed one would train on other labels and validate on images it trained on.
+RESUME_FIXED_KEYS = ("seed", "data.name", "data.labels_per_class", "data.validation_size",
+                     "data.split_seed", "data.synthetic_train_size", "data.synthetic_test_size",
+                     "data.synthetic_image_size")
+LOCK_FILE = ".daae.lock"
+
+
+def _lock_run_dir(run_dir: Path):
+    """An exclusive lock on the run folder for as long as the returned file
+    stays open: a second process training the same folder (a resume started
+    twice) would interleave checkpoints and event files."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(f"another daae process is training {run_dir} (it holds {LOCK_FILE}): "
+                          f"wait for it to end, or stop it first") from None
+    except OSError as exc:  # a file system without locks: train unguarded, as before
+        log.warning("cannot lock %s (%s): nothing stops a second process training it", run_dir, exc)
+    return handle
 
 
 def _gather_generator_states(accelerator: Accelerator, generator: torch.Generator) -> torch.Tensor:
@@ -236,12 +181,21 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     ``resume`` continues the run folder's last checkpoint; ``run_dir`` fixes
     the folder (Tune trials) instead of one named from ``config.run``.
     """
-    hooks = hooks or Hooks()
     accelerator = make_accelerator(config.train.mixed_precision, config.train.cuda_graph)
-    device = accelerator.device
-    if config.train.mixed_precision == "fp16" and device.type == "cpu":
+    if config.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 on CPU")
     run_dir = _resolve_run_dir(config, accelerator, run_dir, resume)
+    run_lock = _lock_run_dir(run_dir) if accelerator.is_main_process else None
+    try:
+        return _train_in(run_dir, config, accelerator, resume, hooks or Hooks())
+    finally:  # an error too lets the folder go
+        if run_lock is not None:
+            run_lock.close()
+
+
+def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, resume, hooks: Hooks) -> dict:
+    """train()'s work, in the run folder it resolved and locked."""
+    device = accelerator.device
     main = accelerator.is_main_process
 
     data = load_data(config.data, config.seed)
@@ -256,6 +210,14 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     if resume is not None:
         state = checkpoint.load(ckpt_path)
         changes = config_changes(state.get("config", {}), config)
+        fixed = [key for key in RESUME_FIXED_KEYS if key in changes]
+        if fixed:
+            raise checkpoint.CheckpointError(
+                f"{ckpt_path} does not fit this resume: " + "; ".join(
+                    f"{key} is {json.dumps(changes[key][1])} here, {json.dumps(changes[key][0])} in "
+                    f"the checkpoint" for key in fixed)
+                + ". These draw the labelled subset and the validation split, which a run keeps: "
+                  "resume without changing them, or start a new run")
         step, earlier_seconds = _restore(state, changes, nets, optimizers, generator, accelerator,
                                          ckpt_path)
         del state  # the weights are in the networks now; no second copy for the whole run
@@ -270,8 +232,13 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
         if resume is not None:  # before config.yaml: a record it cannot extend stops the run first
             record_resume(run_dir, step, changes)
         save_config(config, run_dir / CONFIG_FILE)
+        # Left by a process killed while it wrote a checkpoint (the lock says none writes now).
+        for stale in ckpt_path.parent.glob(f".{ckpt_path.name}.*.tmp"):
+            stale.unlink()
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run_dir))
+        # purge_step: TensorBoard drops what the stopped stretch logged after the
+        # checkpoint, which this one logs again.
+        writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resume is not None else None)
     grid_images = to_float(data.validation.images[:8]).to(device)
     tracker = LossTracker(device)
     images_per_step = 2 * config.train.batch_size * accelerator.num_processes
@@ -328,6 +295,7 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     def training_seconds() -> float:
         return max(time.perf_counter() - loop_started - excluded_seconds, 1e-9)
 
+    stop = StopRequest.install()
     try:
         while step < total_steps:
             epoch, step_in_epoch = divmod(step, batches.steps_per_epoch)
@@ -360,11 +328,19 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
             if step % config.run.checkpoint_every == 0 and step < total_steps:
                 save_checkpoint(trained_seconds)
             excluded_seconds += time.perf_counter() - paused
+            # Every step alone; with several processes at log steps, where they agree.
+            if ((accelerator.num_processes == 1 or step % config.run.log_every == 0)
+                    and step < total_steps and stop.requested(device, accelerator.num_processes)):
+                if step % config.run.checkpoint_every:  # not written just now
+                    save_checkpoint(trained_seconds)
+                raise TrainingInterrupted(f"stopped by {stop.signal_name} at step {step}, with a "
+                                          f"checkpoint there: go on with daae train --resume {run_dir}")
     except NonFiniteLossError as exc:
         last = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
         raise NonFiniteLossError(f"{exc} ({last}, left intact); lower train.lr or the loss "
                                  f"weights, or try train.mixed_precision=no") from None
     finally:
+        stop.restore()
         progress.close()
 
     train_seconds = training_seconds()

@@ -50,3 +50,25 @@ def first_gradients_and_losses(config, data, steps):
         if step == 0:
             first = gradients(setup.nets)
     return first, history, setup
+
+
+def around_iteration(monkeypatch, number: int, around):
+    """``daae.train``'s training iteration, with its ``number``-th call (from 1)
+    made as ``around(run)``, ``run()`` being the real call: to crash, signal or
+    poison a known step."""
+    import daae.train
+
+    make_iteration = daae.train.make_iteration
+
+    def patched(*args):
+        iteration, calls = make_iteration(*args), []
+
+        def run(*step_args):
+            calls.append(None)
+            if len(calls) == number:
+                return around(lambda: iteration(*step_args))
+            return iteration(*step_args)
+        return run
+
+    monkeypatch.setattr(daae.train, "make_iteration", patched)
+

@@ -60,6 +60,21 @@ def test_user_errors_exit_2_with_a_message(tmp_path, caplog):
     assert "loss.decorrelation" in caplog.text
     assert main(["eval", "--checkpoint", str(tmp_path)]) == 2
     assert "not a daae run folder" in caplog.text
+    (tmp_path / "a_file").write_text("")
+    assert main(["train", "--config", str(SMOKE), f"run.dir={tmp_path / 'a_file'}"]) == 2
+    assert "a_file is a file, not a folder: choose another run.dir" in caplog.text
+
+
+def test_a_device_this_torch_cannot_use_is_named(trained_run, caplog):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["eval", "--checkpoint", str(trained_run), "--device", "cuda"]) == 2
+    assert "--device cuda: this PyTorch sees no CUDA GPU; use --device cpu" in caplog.text
+    assert main(["sample", "--checkpoint", str(trained_run), "--kind", "random", "--device", "gpu",
+                 "--out", str(trained_run.parent / "never.png")]) == 2
+    assert "--device gpu: not a device name" in caplog.text
 
 
 def test_a_diverged_run_exits_2_with_the_fix_not_a_traceback(tmp_path, caplog):

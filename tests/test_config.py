@@ -68,6 +68,12 @@ def test_a_crash_while_saving_the_config_leaves_the_old_one(tmp_path, monkeypatc
     ("loss.vat_start_epoch=-1", "loss.vat_start_epoch"),
     ("eval.probe_holdout=1", "eval.probe_holdout"),
     ("eval.probe_patience=-1", "eval.probe_patience"),
+    ("train.lr=.inf", "train.lr: expected a finite number"),
+    ("loss.decorrelation=.nan", "loss.decorrelation: expected a finite number"),
+    ("eval.probe_lr=1e400", "eval.probe_lr: expected a finite number"),
+    ("seed=100000000000000000000", "seed: must be in"),
+    ("run.name=../../elsewhere", "run.name: must be a plain folder name"),
+    ("train..lr=1", "expected a dotted key"),
 ])
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
@@ -106,3 +112,24 @@ def test_yaml_tags_are_not_evaluated(tmp_path):
     path.write_text("seed: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_a_section_given_whole_on_the_command_line_is_merged_into_it():
+    base = load_config(CONFIGS[0])
+    config = load_config(CONFIGS[0], ["train={lr: 0.1}"])
+    assert config.train.lr == 0.1
+    assert (config.train.batch_size, config.train.epochs) == (base.train.batch_size, base.train.epochs)
+
+
+def test_a_key_written_twice_in_a_yaml_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  lr: 0.1\nmodel:\n  z_dim: 3\ntrain:\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml.*the key 'train' appears twice"):
+        load_config(path)
+
+
+def test_quotes_around_a_text_value_are_yamls():
+    config = load_config(CONFIGS[0], ['model.kind="conv"', "run.name='quoted run'"])
+    assert (config.model.kind, config.run.name) == ("conv", "quoted run")
+    assert load_config(CONFIGS[0], ["run.name=off"]).run.name == "off"  # the text, not YAML's False
+

@@ -37,7 +37,7 @@ def test_two_cpu_processes_keep_identical_parameters(tmp_path, step_mode, codes)
 
 
 def _tracker_process(rank: int, init_file: str, out: str) -> None:
-    from daae.train import LossTracker, NonFiniteLossError
+    from daae.tracker import LossTracker, NonFiniteLossError
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=2)

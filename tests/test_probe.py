@@ -80,3 +80,14 @@ def test_without_a_held_out_share_it_is_the_fixed_epoch_probe_of_earlier_results
             optimizer.step()
     for mine, theirs in zip(probe.state_dict().values(), earlier.state_dict().values()):
         assert torch.equal(mine, theirs)
+
+
+def test_a_probe_whose_loss_diverges_is_an_error_not_a_chance_reading():
+    import pytest
+
+    from daae.config import ConfigError
+
+    z, labels = _class_on_rings(4000)
+    with pytest.raises(ConfigError, match=r"probe's training loss became non-finite: lower eval\.probe_lr"):
+        _probe(EvalConfig(probe_hidden=32, probe_epochs=3, probe_lr=1e30), z, labels)
+

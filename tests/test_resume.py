@@ -3,7 +3,7 @@ import torch
 from daae import checkpoint
 from daae.train import train
 
-from conftest import tiny_config
+from conftest import SMOKE, around_iteration, tiny_config
 
 
 def _parameters(run_dir):
@@ -186,3 +186,93 @@ def test_a_resume_keeps_the_settings_it_changed_on_record(tmp_path, caplog):
     with pytest.raises(ConfigError, match="resumes.yaml should be a list"):
         train(tiny_config(tmp_path, "run.name=r", "train.max_steps=50", *common), resume=run)
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 40
+
+
+def test_a_resume_keeps_the_labelled_subset_and_the_validation_split(tmp_path):
+    import pytest
+
+    train(tiny_config(tmp_path, "run.name=r", "train.max_steps=4", "eval.final_test=false",
+                      "eval.probe_epochs=1"))
+    for change, message in (("seed=7", r"seed is 7 here, 0 in the checkpoint"),
+                            ("data.validation_size=300", r"data\.validation_size is 300 here")):
+        with pytest.raises(checkpoint.CheckpointError, match=message + r".*start a new run"):
+            train(tiny_config(tmp_path, "run.name=r", "train.max_steps=8", change), resume=tmp_path / "r")
+
+
+def test_a_run_folder_trains_in_one_process_at_a_time(tmp_path):
+    import pytest
+
+    from daae.config import ConfigError
+    from daae.train import _lock_run_dir
+
+    train(tiny_config(tmp_path, "run.name=r", "train.max_steps=4", "eval.final_test=false",
+                      "eval.probe_epochs=1"))
+    held = _lock_run_dir(tmp_path / "r")  # as a second `daae train --resume` would find it
+    try:
+        with pytest.raises(ConfigError, match="another daae process is training"):
+            train(tiny_config(tmp_path, "run.name=r", "train.max_steps=8"), resume=tmp_path / "r")
+    finally:
+        held.close()
+    assert train(tiny_config(tmp_path, "run.name=r", "train.max_steps=8", "eval.final_test=false",
+                             "eval.probe_epochs=1"), resume=tmp_path / "r")["step"] == 8
+
+
+def test_a_crash_after_the_checkpoint_leaves_no_doubled_steps_or_stale_files(tmp_path, monkeypatch):
+    """The stretch after the last checkpoint is trained again on resume: its
+    TensorBoard points are replaced, not doubled, and a checkpoint half written
+    by a killed process is cleared away."""
+    import pytest
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ("run.name=r", "train.max_steps=20", "run.log_every=5", "run.checkpoint_every=10",
+              "run.eval_every=10", "eval.final_test=false", "eval.probe_epochs=1")
+
+    def machine_goes_away(run):
+        raise RuntimeError("the machine went away")
+
+    with monkeypatch.context() as patch:
+        around_iteration(patch, 18, machine_goes_away)
+        with pytest.raises(RuntimeError, match="went away"):
+            train(tiny_config(tmp_path, *common))
+    stale = tmp_path / "r" / "checkpoints" / ".last.pt.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert train(tiny_config(tmp_path, *common), resume=tmp_path / "r")["step"] == 20
+    assert not stale.exists()
+    events = EventAccumulator(str(tmp_path / "r"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/reconstruction")] == [5, 10, 15, 20]
+
+
+def test_a_run_stopped_by_a_signal_checkpoints_there_and_resumes(tmp_path, monkeypatch, caplog):
+    import os
+    import signal
+
+    from daae.cli import main
+
+    def ctrl_c(run):  # while step 7 runs
+        os.kill(os.getpid(), signal.SIGINT)
+        return run()
+
+    command = ["train", "--config", str(SMOKE), f"run.dir={tmp_path}", "run.name=r",
+               "run.progress_bar=false", "train.max_steps=20", "eval.final_test=false",
+               "eval.probe_epochs=1"]
+    with monkeypatch.context() as patch:
+        around_iteration(patch, 7, ctrl_c)
+        assert main(command) == 130
+    assert f"stopped by SIGINT at step 7, with a checkpoint there: go on with daae train --resume {tmp_path / 'r'}" \
+        in caplog.text
+    assert checkpoint.load(tmp_path / "r")["step"] == 7
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    assert main(["train", "--resume", str(tmp_path / "r")]) == 0
+    assert checkpoint.load(tmp_path / "r")["step"] == 20
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_says_how_to_start_it_again(tmp_path):
+    import pytest
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(checkpoint.CheckpointError, match=r"stopped before its first checkpoint: "
+                                                         r"start it again with daae train --config"):
+        train(tiny_config(tmp_path, "run.name=r"), resume=tmp_path / "r")
+

@@ -83,6 +83,11 @@ def test_summary_names_an_unfinished_run_and_missing_test_metrics(tmp_path, capl
     assert main(["summary", done, str(tmp_path / "crashed")]) == 2
     assert "crashed/metrics.json not found" in caplog.text
 
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "metrics.json").write_text('{"step": 15')
+    assert main(["summary", done, str(tmp_path / "torn")]) == 2
+    assert "torn/metrics.json is not valid JSON" in caplog.text
+
     no_test = _finished_run(tmp_path / "no_test", 0.9, 0.1, final_test=False)
     assert main(["summary", no_test]) == 2
     assert "no test/accuracy (the run had eval.final_test=false)" in caplog.text

@@ -7,9 +7,10 @@ from daae import checkpoint
 from daae.data import load_data
 from daae.evaluate import cluster_accuracy, evaluate
 from daae.runs import build_networks
-from daae.train import LossTracker, NonFiniteLossError, train
+from daae.tracker import LossTracker, NonFiniteLossError
+from daae.train import train
 
-from conftest import tiny_config
+from conftest import around_iteration, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -138,20 +139,7 @@ def test_non_finite_loss_names_phase_and_step_and_keeps_last_checkpoint(tmp_path
 
 
 def test_a_non_finite_loss_is_named_at_the_step_tensorboard_gives_it(tmp_path, monkeypatch):
-    import daae.train
-
-    make_iteration = daae.train.make_iteration
-
-    def poisoned_third_iteration(*args):
-        iteration, calls = make_iteration(*args), []
-
-        def run(*step_args):
-            losses = iteration(*step_args)
-            calls.append(None)
-            return {**losses, "supervised": torch.tensor(float("nan"))} if len(calls) == 3 else losses
-        return run
-
-    monkeypatch.setattr(daae.train, "make_iteration", poisoned_third_iteration)
+    around_iteration(monkeypatch, 3, lambda run: {**run(), "supervised": torch.tensor(float("nan"))})
     # The third step: TensorBoard logs its losses at step 3, its checkpoint would be step 3.
     with pytest.raises(NonFiniteLossError, match=r"the supervised loss became non-finite at step 3 \("):
         train(tiny_config(tmp_path, "train.max_steps=10", "run.log_every=5"))

@@ -23,12 +23,13 @@ from pathlib import Path
 from daae.atomic import atomic_write
 from daae.checkpoint import checkpoint_path
 from daae.config import Config, from_dict, to_dict
+from daae.train import LOCK_FILE
 
 from .spec import Resources
 from .trial import Reporter
 
 INNER_RUN_PREFIX = "workers-"  # Ray Train's folder for the inner trainer, inside the run folder
-_NOT_SHIPPED = ("checkpoints",)
+_NOT_SHIPPED = ("checkpoints", LOCK_FILE)
 
 
 def scaling_config(resources: Resources):
