@@ -185,21 +185,22 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     if config.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 on CPU")
     run_dir = _resolve_run_dir(config, accelerator, run_dir, resume)
+    # What can fail on the config or the data fails before the folder is made or locked.
+    data = load_data(config.data, config.seed)
+    setup = prepare_training(config, accelerator, data)
     run_lock = _lock_run_dir(run_dir) if accelerator.is_main_process else None
     try:
-        return _train_in(run_dir, config, accelerator, resume, hooks or Hooks())
+        return _train_in(run_dir, config, accelerator, data, setup, resume, hooks or Hooks())
     finally:  # an error too lets the folder go
         if run_lock is not None:
             run_lock.close()
 
 
-def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, resume, hooks: Hooks) -> dict:
+def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, data, setup, resume,
+              hooks: Hooks) -> dict:
     """train()'s work, in the run folder it resolved and locked."""
     device = accelerator.device
     main = accelerator.is_main_process
-
-    data = load_data(config.data, config.seed)
-    setup = prepare_training(config, accelerator, data)
     nets, optimizers, generator, batches = setup.nets, setup.optimizers, setup.generator, setup.batches
     iteration = make_iteration(setup, config)
 
