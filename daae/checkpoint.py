@@ -38,8 +38,8 @@ def load(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{path} cannot be read ({exc}); it is damaged or not a daae "
-                              f"checkpoint.") from None
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {exc}); it is damaged "
+                              f"or not a daae checkpoint.") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a daae checkpoint of format {FORMAT_VERSION}.")
     return state

@@ -121,6 +121,14 @@ def load_trained_run(run_dir: str | Path, device="cpu", overrides: list[str] = (
     try:
         nets.load_state_dict(state["networks"])
     except RuntimeError as exc:
+        changed = {key: values for key, values in config_changes(state.get("config", {}), config).items()
+                   if key.startswith("model.")}
+        if changed:  # an override (or an edited config.yaml) names another model
+            raise checkpoint.CheckpointError(
+                f"the checkpoint in {run_dir} does not fit: " + "; ".join(
+                    f"{key} is {json.dumps(now)} here, {json.dumps(before)} in the checkpoint"
+                    for key, (before, now) in changed.items())
+                + ". Read it with the model it was trained with") from None
         raise checkpoint.CheckpointError(
             f"the checkpoint in {run_dir} does not fit the model its {CONFIG_FILE} describes "
             f"(model.kind={config.model.kind}, model.scale={config.model.scale}): {exc}") from None

@@ -100,7 +100,8 @@ def build_dataclass(cls, values: Any, prefix: str = ""):
     if values is None:
         return cls()
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of its keys, got "
+                          f"{values!r}")
     hints = _field_types(cls)
     kwargs = {}
     for key, value in values.items():
@@ -176,6 +177,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder: pass a YAML file in it")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:

@@ -65,6 +65,11 @@ def test_user_errors_exit_2_with_a_message(tmp_path, caplog):
     assert "a_file is a file, not a folder: choose another run.dir" in caplog.text
 
 
+def test_reading_a_run_as_another_model_names_the_key(trained_run, caplog):
+    assert main(["eval", "--checkpoint", str(trained_run), "model.z_dim=7"]) == 2
+    assert "does not fit: model.z_dim is 7 here" in caplog.text
+
+
 def test_a_device_this_torch_cannot_use_is_named(trained_run, caplog):
     import torch
 

@@ -74,6 +74,7 @@ def test_a_crash_while_saving_the_config_leaves_the_old_one(tmp_path, monkeypatc
     ("seed=100000000000000000000", "seed: must be in"),
     ("run.name=../../elsewhere", "run.name: must be a plain folder name"),
     ("train..lr=1", "expected a dotted key"),
+    ("train=3", "train: expected a mapping of its keys, got '3'"),
 ])
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
@@ -105,6 +106,8 @@ def test_bad_override_form_and_missing_file(tmp_path):
         load_config(CONFIGS[0], ["train.lr"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder: pass a YAML file in it"):
+        load_config(tmp_path)
 
 
 def test_yaml_tags_are_not_evaluated(tmp_path):
