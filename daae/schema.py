@@ -182,7 +182,8 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        with open(path) as handle:  # a stream, so that YAML's messages name the file
+            values = yaml.load(handle, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
     if values is None:

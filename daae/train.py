@@ -260,6 +260,14 @@ def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, data, set
                 hooks.on_checkpoint(step, ckpt_path)
         accelerator.wait_for_everyone()
 
+    def write_grids():
+        grid = reconstruction_grid(nets, grid_images)
+        writer.add_image("images/reconstructions", grid, step)
+        save_png(grid, run_dir / "images" / f"reconstructions_{step:07d}.png")
+        # The ten classes decoded with a few styles: the "random" grid.
+        tensorboard_generation(writer, nets, data, step, seed=config.seed,
+                               images_dir=run_dir / "images")
+
     def periodic_evaluation():
         tracker.check()
         _average_buffers(accelerator, nets)
@@ -272,12 +280,7 @@ def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, data, set
             _warn_unwhitened(probes, step)
             for tag, value in tensorboard_tags("val", metrics).items():
                 writer.add_scalar(tag, value, step)
-            grid = reconstruction_grid(nets, grid_images)
-            writer.add_image("images/reconstructions", grid, step)
-            save_png(grid, run_dir / "images" / f"reconstructions_{step:07d}.png")
-            # The ten classes decoded with a few styles: the "random" grid.
-            tensorboard_generation(writer, nets, data, step, seed=config.seed,
-                                   images_dir=run_dir / "images")
+            write_grids()
             # A Tune scheduler may kill this process right after the hook.
             writer.flush()
             if hooks.on_evaluation:
@@ -365,6 +368,7 @@ def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, data, set
         for split_name, short in (("validation", "val"), ("test", "test")):
             for tag, value in tensorboard_tags(short, result.get(split_name, {})).items():
                 writer.add_scalar(tag, value, step)
+        write_grids()  # the trained model's, also when the run is shorter than run.eval_every
         if hooks.on_evaluation:
             hooks.on_evaluation(step, result["validation"])
         write_json(result, run_dir / METRICS_FILE)

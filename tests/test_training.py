@@ -42,9 +42,11 @@ def test_run_folder_holds_config_events_images_checkpoint_metrics(tmp_path):
     assert (run / "config.yaml").is_file()
     assert list(run.glob("events.out.tfevents.*"))
     images = {p.name for p in (run / "images").glob("*.png")}
-    # reconstructions, and the ten classes decoded with a few styles ("random")
-    assert {"random_0000015.png", "reconstructions_0000015.png"} <= images
-    assert all(name.endswith("_0000015.png") for name in images)
+    # reconstructions, and the ten classes decoded with a few styles ("random"),
+    # at the evaluation during training and at the end
+    assert {"random_0000015.png", "reconstructions_0000015.png", "random_0000030.png",
+            "reconstructions_0000030.png"} <= images
+    assert all(name.endswith(("_0000015.png", "_0000030.png")) for name in images)
     assert checkpoint.load(run)["step"] == 30
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["step"] == result["step"] == 30
