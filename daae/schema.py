@@ -181,11 +181,14 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file '{path}' is a folder: pass a YAML file in it")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
+    loader = _UniqueKeyLoader(path.read_text())  # text: YAML's messages then quote the line
+    loader.name = str(path)  # and name the file, not "<unicode string>"
     try:
-        with open(path) as handle:  # a stream, so that YAML's messages name the file
-            values = yaml.load(handle, Loader=_UniqueKeyLoader)
+        values = loader.get_single_data()
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
     if values is None:
         return {}
     if not isinstance(values, dict):
