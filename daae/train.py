@@ -132,8 +132,8 @@ def _restore(state: dict, changes: dict, nets, optimizers, generator, accelerato
         raise checkpoint.CheckpointError(
             f"{path} does not fit this run's optimizers: {switched}. With train.step_mode=reference "
             f"such a term has its own optimizer, so it cannot be switched on or off on resume: "
-            f"keep it as the run had it (or above 0 at a different weight), or use "
-            f"train.step_mode=fused, or start a new run")
+            f"keep it as the run had it (or above 0 at a different weight), or start a new run "
+            f"(one in train.step_mode=fused can switch it)")
     if missing:
         raise checkpoint.CheckpointError(
             f"{path} was written with other optimizers ({', '.join(sorted(state['optimizers']))}); "
