@@ -62,6 +62,13 @@ def config_changes(before: dict, after: Config) -> dict[str, tuple[Any, Any]]:
             if old.get(key) != value}
 
 
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """``config_changes`` for a message: "key is NOW here, BEFORE in the
+    checkpoint; ...", each value as an override would spell it (JSON: false, not False)."""
+    return "; ".join(f"{key} is {json.dumps(now)} here, {json.dumps(before)} in the checkpoint"
+                     for key, (before, now) in changes.items())
+
+
 def record_resume(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
     """Append this resume to the run's resumes.yaml. config.yaml holds only the
     config the run goes on with, so this is where a setting changed mid-run, and
@@ -125,10 +132,8 @@ def load_trained_run(run_dir: str | Path, device="cpu", overrides: list[str] = (
                    if key.startswith("model.")}
         if changed:  # an override (or an edited config.yaml) names another model
             raise checkpoint.CheckpointError(
-                f"the checkpoint in {run_dir} does not fit: " + "; ".join(
-                    f"{key} is {json.dumps(now)} here, {json.dumps(before)} in the checkpoint"
-                    for key, (before, now) in changed.items())
-                + ". Read it with the model it was trained with") from None
+                f"the checkpoint in {run_dir} does not fit: {describe_changes(changed)}. Read it "
+                f"with the model it was trained with") from None
         raise checkpoint.CheckpointError(
             f"the checkpoint in {run_dir} does not fit the model its {CONFIG_FILE} describes "
             f"(model.kind={config.model.kind}, model.scale={config.model.scale}): {exc}") from None

@@ -21,7 +21,8 @@ from .grids import reconstruction_grid, save_png
 from .interrupt import StopRequest, TrainingInterrupted
 from .optimizers import OPTIONAL_OPTIMIZERS, lr_factor, restore_optimizer, set_learning_rates
 from .prepare import make_accelerator, prepare_training
-from .runs import CONFIG_FILE, METRICS_FILE, config_changes, new_run_dir, record_resume, write_json
+from .runs import (CONFIG_FILE, METRICS_FILE, config_changes, describe_changes, new_run_dir,
+                   record_resume, write_json)
 from .sample import tensorboard_generation
 from .tracker import LossTracker, NonFiniteLossError
 
@@ -142,10 +143,8 @@ def _restore(state: dict, changes: dict, nets, optimizers, generator, accelerato
         nets.load_state_dict(state["networks"])
     except RuntimeError as exc:
         written = state.get("config", {}).get("model", {})
-        # Each value as an override would spell it (JSON: false, not False).
-        changed = "; ".join(f"{key} is {json.dumps(now)} here, {json.dumps(before)} in the checkpoint"
-                            for key, (before, now) in changes.items()
-                            if key.startswith("model.") and key.partition(".")[2] in written)
+        changed = describe_changes({key: values for key, values in changes.items()
+                                    if key.startswith("model.") and key.partition(".")[2] in written})
         if changed:
             raise checkpoint.CheckpointError(
                 f"{path} does not fit this model: {changed}. Resume with the model the run "
@@ -211,14 +210,12 @@ def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, data, set
     if resume is not None:
         state = checkpoint.load(ckpt_path)
         changes = config_changes(state.get("config", {}), config)
-        fixed = [key for key in RESUME_FIXED_KEYS if key in changes]
+        fixed = {key: changes[key] for key in RESUME_FIXED_KEYS if key in changes}
         if fixed:
             raise checkpoint.CheckpointError(
-                f"{ckpt_path} does not fit this resume: " + "; ".join(
-                    f"{key} is {json.dumps(changes[key][1])} here, {json.dumps(changes[key][0])} in "
-                    f"the checkpoint" for key in fixed)
-                + ". These draw the labelled subset and the validation split, which a run keeps: "
-                  "resume without changing them, or start a new run")
+                f"{ckpt_path} does not fit this resume: {describe_changes(fixed)}. These draw the "
+                f"labelled subset and the validation split, which a run keeps: resume without "
+                f"changing them, or start a new run")
         step, earlier_seconds = _restore(state, changes, nets, optimizers, generator, accelerator,
                                          ckpt_path)
         del state  # the weights are in the networks now; no second copy for the whole run
