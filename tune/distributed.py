@@ -146,10 +146,7 @@ def _run_folder_paths(run_dir: Path):
 
 def write_run_folder_files(run_dir: Path, files: dict[str, bytes]) -> None:
     for relative, data in files.items():
-        target = Path(run_dir) / relative
-        if target.is_file() and target.read_bytes() == data:
-            continue  # a shared file system showed both nodes the same folder
-        atomic_write(target, lambda handle, data=data: handle.write(data))
+        atomic_write(Path(run_dir) / relative, lambda handle, data=data: handle.write(data))
 
 
 def train_distributed(config: Config, run_dir: Path, resume: bool, reporter: Reporter,
