@@ -240,7 +240,7 @@ def main(argv=None) -> int:
         if importlib.util.find_spec("ray") is None:
             parser.error("--tune-concurrency needs Ray, which this Python cannot import: run "
                          "../shared/tools/pack-ray-for-device here, carry [\".device\"] and unpack it on "
-                         "the device first (README, A GPU lease in one call), or leave --tune-concurrency out")
+                         "the device first (benchmarks/README.md, A GPU lease in one call), or leave --tune-concurrency out")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = out / "runs"

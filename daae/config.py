@@ -370,9 +370,12 @@ def validate(config: Config) -> None:
     _require(loss.vat_start_epoch >= 0, "loss.vat_start_epoch", "must be 0 or more")
     _require(loss.correlation_batch_norm_start_epoch >= 0, "loss.correlation_batch_norm_start_epoch",
              "must be 0 or more")
-    for name in ("probe_hidden", "probe_epochs", "probe_epochs_during_training", "probe_train_size",
+    for name in ("probe_hidden", "probe_epochs", "probe_epochs_during_training",
                  "probe_batch_size", "batch_size"):
         _require(getattr(config.eval, name) >= 1, f"eval.{name}", "must be at least 1")
+    _require(config.eval.probe_train_size >= 2, "eval.probe_train_size",
+             f"must be at least 2 (the probes read the codes standardised by their spread), "
+             f"got {config.eval.probe_train_size}")
     _require(config.eval.probe_lr > 0, "eval.probe_lr", "must be positive")
     _require(config.eval.probe_patience >= 0, "eval.probe_patience", "must be 0 (never stop early) or more")
     _require(0 <= config.eval.probe_holdout < 1, "eval.probe_holdout",

@@ -10,6 +10,7 @@ labelled by its path relative to --logdir.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,9 +57,15 @@ def read_scalars(logdir: str | Path, tags) -> dict[str, dict[str, list[tuple[int
 
 
 def _panel(draw, font, top: int, tag: str, runs: dict, colours: dict) -> None:
-    points = [p for series in runs.values() for p in series.get(tag, [])]
+    # A diverged run (another tool's, or one logged before daae stopped on it)
+    # can hold inf or NaN, which has no place on the axis: named, not drawn.
+    lines = {run: [(s, v) for s, v in series.get(tag, []) if math.isfinite(v)]
+             for run, series in runs.items()}
+    left_out = sum(len(series.get(tag, [])) for series in runs.values()) - sum(map(len, lines.values()))
+    points = [p for line in lines.values() for p in line]
     left, width, height = MARGIN, PANEL_WIDTH - MARGIN - 10, PANEL_HEIGHT - 40
-    draw.text((left, top + 2), tag, fill=FRAME, font=font)
+    draw.text((left, top + 2), tag + (f" ({left_out} non-finite values not drawn)" if left_out else ""),
+              fill=FRAME, font=font)
     frame_top = top + 18
     draw.rectangle([left, frame_top, left + width, frame_top + height], outline=FRAME)
     if not points:
@@ -80,8 +87,8 @@ def _panel(draw, font, top: int, tag: str, runs: dict, colours: dict) -> None:
     draw.text((left, frame_top + height + 3), str(x_low), fill=FRAME, font=font)
     draw.text((left + width - 6 * len(str(x_high)), frame_top + height + 3), str(x_high),
               fill=FRAME, font=font)
-    for run, series in runs.items():
-        line = [to_pixel(s, v) for s, v in series.get(tag, [])]
+    for run, finite in lines.items():
+        line = [to_pixel(s, v) for s, v in finite]
         if len(line) > 1:
             draw.line(line, fill=colours[run], width=2)
         for x, y in line:

@@ -176,10 +176,12 @@ def probe_accuracies(train_z: torch.Tensor, train_labels: torch.Tensor, eval_z: 
 
 
 def fit_probes(nets: Networks, probe_train: ImageSet, config: EvalConfig, num_classes: int,
-               device, seed: int) -> ProbeSet:
+               device, seed: int, strict: bool = False) -> ProbeSet:
     """The post-hoc probes on the codes of ``config.probe_train_size`` images of
     ``probe_train``, drawn with ``seed``; with ``config.class_whitened_probes``
-    also the pair on those codes whitened within their predicted class."""
+    also the pair on those codes whitened within their predicted class. A
+    whitening that cannot be fitted raises ``WhiteningError`` with ``strict``,
+    else leaves ``whitening_error`` set and the whitened pair out."""
     subset = probe_train.subset(torch.randperm(
         len(probe_train), generator=torch.Generator().manual_seed(seed))[:config.probe_train_size])
     encoded = encode(nets, subset.images, config.batch_size, device)
@@ -190,6 +192,8 @@ def fit_probes(nets: Networks, probe_train: ImageSet, config: EvalConfig, num_cl
         try:
             whitening = ClassWhitening.fit(encoded.z, predicted, num_classes).to(device)
         except WhiteningError as exc:
+            if strict:
+                raise
             # Early in training a class can be predicted too rarely; that
             # evaluation then lacks the whitened figures rather than ending the run.
             whitening_error = str(exc)
@@ -281,10 +285,12 @@ def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device
         # Every probe then reads mapped codes already: a second, whitened pair
         # would whiten them again, to (nearly) the same figures.
         eval_config = replace(eval_config, class_whitened_probes=False)
-    probes = fit_probes(run.nets, train_images, eval_config, data.num_classes, device, run.config.seed)
-    if probes.whitening_error:
-        raise WhiteningError(f"eval.class_whitened_probes: {probes.whitening_error}; or pass "
-                             f"eval.class_whitened_probes=false to daae eval")
+    try:
+        probes = fit_probes(run.nets, train_images, eval_config, data.num_classes, device,
+                            run.config.seed, strict=True)
+    except WhiteningError as exc:
+        raise WhiteningError(f"eval.class_whitened_probes: {exc}; or pass "
+                             f"eval.class_whitened_probes=false to daae eval") from None
     metrics = evaluate(run.nets, target, data.labelled, eval_config, data.num_classes, device, probes)
     if class_map is not None:
         del metrics["adversary_accuracy"]

@@ -20,6 +20,13 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 RESUMES_FILE = "resumes.yaml"
 
+# What draws the labelled subset and the validation split: a resume that
+# changed one would train on other labels, and an evaluation would validate on
+# images the run trained on.
+SPLIT_KEYS = ("seed", "data.name", "data.labels_per_class", "data.validation_size",
+              "data.split_seed", "data.synthetic_train_size", "data.synthetic_test_size",
+              "data.synthetic_image_size")
+
 
 def build_networks(config: Config, image_shape: tuple[int, int, int], num_classes: int) -> Networks:
     model = config.model
@@ -60,6 +67,15 @@ def config_changes(before: dict, after: Config) -> dict[str, tuple[Any, Any]]:
     old = defaults | _dotted(before)
     return {key: (old.get(key), value) for key, value in _dotted(to_dict(after)).items()
             if old.get(key) != value}
+
+
+def refuse_split_changes(changes: dict[str, tuple[Any, Any]], problem: str, fix: str) -> None:
+    """``CheckpointError`` when ``changes`` (``config_changes``) touch a ``SPLIT_KEYS`` key."""
+    fixed = {key: changes[key] for key in SPLIT_KEYS if key in changes}
+    if fixed:
+        raise checkpoint.CheckpointError(
+            f"{problem}: {describe_changes(fixed)}. These draw the labelled subset and the "
+            f"validation split, {fix}")
 
 
 def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
@@ -120,16 +136,20 @@ def resolve_device(device: str | None):
 
 
 def load_trained_run(run_dir: str | Path, device="cpu", overrides: list[str] = ()) -> TrainedRun:
-    """The networks of a run folder's last checkpoint, in eval mode, and its data."""
+    """The networks of a run folder's last checkpoint, in eval mode, and its data
+    (the splits it trained with: an override of a ``SPLIT_KEYS`` key is refused)."""
     config = load_run_config(run_dir, overrides)
     state = checkpoint.load(run_dir)
+    changes = config_changes(state.get("config", {}), config)
+    refuse_split_changes(changes, f"the checkpoint in {run_dir} was trained on other splits",
+                         "so its figures would be read on images it trained on: leave them as the run "
+                         "had them")
     data = load_data(config.data, config.seed)
     nets = build_networks(config, data.image_shape, data.num_classes)
     try:
         nets.load_state_dict(state["networks"])
     except RuntimeError as exc:
-        changed = {key: values for key, values in config_changes(state.get("config", {}), config).items()
-                   if key.startswith("model.")}
+        changed = {key: values for key, values in changes.items() if key.startswith("model.")}
         if changed:  # an override (or an edited config.yaml) names another model
             raise checkpoint.CheckpointError(
                 f"the checkpoint in {run_dir} does not fit: {describe_changes(changed)}. Read it "

@@ -64,7 +64,7 @@ def sample_images(nets, data: SemiSupervisedData, kind: str, n: int, seed: int,
     every class; random: z ~ N(0, I); interpolate: z on a straight line
     between two random styles. The networks are used in eval mode.
     """
-    check_request(kind, n)
+    check_request(kind, n, seed)
     device = _device_of(nets)
     generator = torch.Generator().manual_seed(seed)
     num_classes = data.num_classes
@@ -94,11 +94,13 @@ def sample_grid(nets, data: SemiSupervisedData, kind: str, n: int, seed: int,
     return make_grid(cells.clamp(0, 1).cpu(), rows=n)
 
 
-def check_request(kind: str, n: int) -> None:
+def check_request(kind: str, n: int, seed: int = 0) -> None:
     if kind not in KINDS:
         raise SampleError(f"--kind {kind!r} is not known; choose one of {', '.join(KINDS)}")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_ROWS:
         raise SampleError(f"--n {n!r} is out of range: the grid takes 1 to {MAX_ROWS} rows")
+    if not 0 <= seed < 2**32:  # the range a run's seed takes
+        raise SampleError(f"--seed {seed} is out of range: choose one in [0, 2**32)")
 
 
 def write_sample(run_dir, kind: str = "style", n: int = 8, seed: int = 0, out="sample.png",
@@ -114,7 +116,7 @@ def write_sample(run_dir, kind: str = "style", n: int = 8, seed: int = 0, out="s
     from .runs import load_trained_run, resolve_device
     from .whitening import whiten_networks
 
-    check_request(kind, n)
+    check_request(kind, n, seed)
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise SampleError(f"--out {out} must name a .png file")
@@ -192,6 +194,7 @@ def tensorboard_generation(writer, nets, data: SemiSupervisedData, step: int, *,
     validation split is used by default: test images are only for reporting.
     """
     images = getattr(data, split)
+    rows = min(rows, len(images))  # the style grid shows one real image a row
     pictures = {f"generation/{kind}": sample_grid(nets, data, kind, rows, seed, split)
                 for kind in KINDS}
     pictures["generation/latent_map"] = split_latent_map(
@@ -222,7 +225,14 @@ def _keep_earlier_embeddings(writer, step: int) -> None:
     from google.protobuf import text_format
     from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
-    config = text_format.Parse(path.read_text(), ProjectorConfig())
+    try:
+        config = text_format.Parse(path.read_text(), ProjectorConfig())
+    except text_format.ParseError as exc:
+        # torch rewrites the file in place, so a crash can leave it torn; it
+        # only indexes the embeddings, whose data files stay where they are.
+        log.warning("%s is unreadable (%s): TensorBoard's projector lists the embeddings from "
+                    "step %d on", path, exc, step)
+        config = ProjectorConfig()
     # add_embedding names each entry "<tag>:<step>"; one without a step stays.
     steps = [entry.tensor_name.rpartition(":")[2] for entry in config.embeddings]
     kept = [entry for entry, written in zip(config.embeddings, steps)

@@ -103,10 +103,21 @@ def _value(metrics: dict, split, name, scale, path) -> float | None:
     return 100.0 * (1.0 - value) if scale == "error" else scale * value
 
 
-def summarize(run_dirs) -> dict:
-    """{"runs": n, column: {"mean", "std", "values"}}; std is the sample std (0 for one run)."""
+def _check_run_dirs(run_dirs) -> None:
     if not run_dirs:
         raise ConfigError("daae summary needs at least one run folder")
+    seen = {}
+    for run_dir in run_dirs:
+        folder = Path(run_dir).resolve()
+        if folder in seen:
+            raise ConfigError(f"{seen[folder]} and {run_dir} are the same run folder, which would count "
+                              f"as two runs: name each run once")
+        seen[folder] = run_dir
+
+
+def summarize(run_dirs) -> dict:
+    """{"runs": n, column: {"mean", "std", "values"}}; std is the sample std (0 for one run)."""
+    _check_run_dirs(run_dirs)
     rows = [(Path(d), _read_metrics(Path(d))) for d in run_dirs]
     summary = {"runs": len(rows)}
     for column, split, name, scale, _ in COLUMNS:
@@ -174,8 +185,7 @@ def summarize_steps(run_dirs, windows) -> list[dict]:
     evaluations at steps first..last (a single step when they are equal), then
     mean ± std over the runs: {"runs", "first_step", "last_step", "evaluations"
     (per run), column: {"mean", "std", "values"}}. Each run's events are read once."""
-    if not run_dirs:
-        raise ConfigError("daae summary needs at least one run folder")
+    _check_run_dirs(run_dirs)
     for first, last in windows:
         if first == last and first < 0:
             raise ConfigError(f"--at {first}: expected a step >= 0")

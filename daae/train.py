@@ -22,7 +22,7 @@ from .interrupt import StopRequest, TrainingInterrupted
 from .optimizers import OPTIONAL_OPTIMIZERS, lr_factor, restore_optimizer, set_learning_rates
 from .prepare import make_accelerator, prepare_training
 from .runs import (CONFIG_FILE, METRICS_FILE, config_changes, describe_changes, new_run_dir,
-                   record_resume, write_json)
+                   record_resume, refuse_split_changes, write_json)
 from .sample import tensorboard_generation
 from .tracker import LossTracker, NonFiniteLossError
 
@@ -62,11 +62,6 @@ def _resolve_run_dir(config: Config, accelerator: Accelerator, run_dir, resume) 
     return run_dir
 
 
-# What draws the labelled subset and the validation split: a resume that
-# changed one would train on other labels and validate on images it trained on.
-RESUME_FIXED_KEYS = ("seed", "data.name", "data.labels_per_class", "data.validation_size",
-                     "data.split_seed", "data.synthetic_train_size", "data.synthetic_test_size",
-                     "data.synthetic_image_size")
 LOCK_FILE = ".daae.lock"
 
 
@@ -210,12 +205,8 @@ def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, data, set
     if resume is not None:
         state = checkpoint.load(ckpt_path)
         changes = config_changes(state.get("config", {}), config)
-        fixed = {key: changes[key] for key in RESUME_FIXED_KEYS if key in changes}
-        if fixed:
-            raise checkpoint.CheckpointError(
-                f"{ckpt_path} does not fit this resume: {describe_changes(fixed)}. These draw the "
-                f"labelled subset and the validation split, which a run keeps: resume without "
-                f"changing them, or start a new run")
+        refuse_split_changes(changes, f"{ckpt_path} does not fit this resume",
+                             "which a run keeps: resume without changing them, or start a new run")
         step, earlier_seconds = _restore(state, changes, nets, optimizers, generator, accelerator,
                                          ckpt_path)
         del state  # the weights are in the networks now; no second copy for the whole run

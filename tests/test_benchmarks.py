@@ -196,8 +196,8 @@ def test_the_documented_device_calls_parse():
     from benchmarks import device_session
 
     root = Path(__file__).resolve().parents[1]
-    # README's prepared calls, and docs/results.md's record of those that ran.
-    text = "\n".join((root / name).read_text() for name in ("README.md", "docs/results.md"))
+    # benchmarks/README.md's prepared calls, and docs/results.md's record of those that ran.
+    text = "\n".join((root / name).read_text() for name in ("benchmarks/README.md", "docs/results.md"))
     calls = [line.split("benchmarks.device_session", 1)[1] for line in text.replace("\\\n", " ").splitlines()
              if "python3 -m benchmarks.device_session --" in line]
     assert len(calls) >= 4

@@ -89,3 +89,10 @@ def test_a_diverged_run_exits_2_with_the_fix_not_a_traceback(tmp_path, caplog):
     assert main(["train", "--resume", str(tmp_path / "r"), "train.max_steps=40",
                  "train.lr=1e38"]) == 2
     assert re.search(r"non-finite at step 1\d .*last good checkpoint.*lower train\.lr", caplog.text)
+
+
+def test_eval_refuses_overrides_that_redraw_the_splits(trained_run, caplog):
+    # Another seed or split seed draws other labelled images and another
+    # validation split: the figures would be read on images the run trained on.
+    assert main(["eval", "--checkpoint", str(trained_run), "data.split_seed=1"]) == 2
+    assert "trained on other splits: data.split_seed is 1 here" in caplog.text

@@ -68,6 +68,7 @@ def test_a_crash_while_saving_the_config_leaves_the_old_one(tmp_path, monkeypatc
     ("loss.vat_start_epoch=-1", "loss.vat_start_epoch"),
     ("eval.probe_holdout=1", "eval.probe_holdout"),
     ("eval.probe_patience=-1", "eval.probe_patience"),
+    ("eval.probe_train_size=1", "eval.probe_train_size: must be at least 2"),
     ("train.lr=.inf", "train.lr: expected a finite number"),
     ("loss.decorrelation=.nan", "loss.decorrelation: expected a finite number"),
     ("eval.probe_lr=1e400", "eval.probe_lr: expected a finite number"),

@@ -46,3 +46,15 @@ def test_bad_input_exits_2_and_writes_nothing(two_runs, tmp_path, caplog):
     assert main(["curves", "--logdir", str(two_runs), "--out", str(tmp_path / "x.jpg")]) == 2
     assert not out.exists()
     assert "no/such" in caplog.text and "missing: no such folder" in caplog.text
+
+
+def test_a_run_with_non_finite_values_is_drawn_without_them(two_runs, tmp_path):
+    writer = SummaryWriter(str(two_runs / "diverged"))
+    for step, value in ((100, 0.3), (200, float("nan")), (300, float("inf")), (400, 0.6)):
+        writer.add_scalar("val/accuracy", value, step)
+    writer.close()
+    out = tmp_path / "curves.png"
+    assert main(["curves", "--logdir", str(two_runs), "--tags", "val/accuracy", "--out", str(out)]) == 0
+    pixels = np.asarray(Image.open(out).convert("RGB"))
+    for run in range(3):  # a, b and diverged, in that order: each line is drawn
+        assert (pixels[:PANEL_HEIGHT] == np.array(class_colour(run))).all(-1).sum() > 20

@@ -1,11 +1,11 @@
-"""README.md and docs/*.md: every file they name and every link and image
+"""README.md, benchmarks/README.md and docs/*.md: every file they name and every link and image
 they hold exists in the checkout."""
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def test_docs_name_only_files_that_exist():

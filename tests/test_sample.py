@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,7 @@ def _run_of_another_kind(run_dir, tmp_path):
     ("other_kind", ["--kind", "style"], "does not fit"),
     ("ok", ["--kind", "style", "--n", "0"], "out of range"),
     ("ok", ["--kind", "random", "--n", str(MAX_ROWS + 1)], "out of range"),
+    ("ok", ["--kind", "random", "--seed", str(2**64)], "--seed 18446744073709551616 is out of range"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(run_dir, tmp_path, caplog, case, argv,
                                                        message):
@@ -225,6 +227,32 @@ def test_projector_of_a_resumed_run_lists_every_step_once(run, tmp_path):
     write([9, 11])    # resumed at 7
     config = (tmp_path / "projector_config.pbtxt").read_text()
     assert re.findall(r'tensor_name: "z:(\d+)"', config) == ["00005", "00007", "00009", "00011"]
+
+
+def test_a_torn_projector_index_does_not_stop_a_resume(run, tmp_path, caplog):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    tensorboard_generation(writer, run.nets, run.data, step=5, rows=1, map_points=20, projector_points=5)
+    writer.close()
+    index = tmp_path / "projector_config.pbtxt"
+    index.write_text(index.read_text()[:40])  # a crash while torch rewrote it in place
+    writer = SummaryWriter(str(tmp_path))
+    tensorboard_generation(writer, run.nets, run.data, step=7, rows=1, map_points=20, projector_points=5)
+    writer.close()
+    assert "projector_config.pbtxt is unreadable" in caplog.text
+    assert re.findall(r'tensor_name: "z:(\d+)"', index.read_text()) == ["00007"]
+
+
+def test_generation_pictures_fit_a_validation_split_smaller_than_the_grid(run, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    small = replace(run.data, validation=run.data.validation.subset(torch.arange(3)))
+    writer = SummaryWriter(str(tmp_path))
+    pictures = tensorboard_generation(writer, run.nets, small, step=1, rows=8, map_points=20,
+                                      projector_points=5)
+    writer.close()
+    assert set(pictures) == {f"generation/{name}" for name in (*KINDS, "latent_map")}
 
 
 class _ClassPrototypes(torch.nn.Module):

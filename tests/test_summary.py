@@ -93,6 +93,18 @@ def test_summary_names_an_unfinished_run_and_missing_test_metrics(tmp_path, capl
     assert "no test/accuracy (the run had eval.final_test=false)" in caplog.text
 
 
+def test_summary_refuses_one_run_named_twice(tmp_path, caplog):
+    # Counted twice, one run would pass for two seeds that agree exactly.
+    run = _finished_run(tmp_path / "r", 0.9, 0.1)
+    other = _finished_run(tmp_path / "other", 0.8, 0.1)
+    for twice in ([run, other, run + "/"], [run, str(tmp_path / "other" / ".." / "r")]):
+        assert main(["summary", *twice]) == 2
+        assert "are the same run folder, which would count as two runs" in caplog.text
+        caplog.clear()
+    assert main(["summary", run, run, "--at", "0"]) == 2  # and over TensorBoard's evaluations
+    assert "are the same run folder" in caplog.text
+
+
 def test_summary_refuses_a_run_resumed_past_its_metrics_until_it_finishes(tmp_path, caplog, capsys):
     import os
 

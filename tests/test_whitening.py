@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+import daae.evaluate
 from daae.cli import main
 from daae.config import EvalConfig
 from daae.data import load_data
@@ -183,7 +184,8 @@ def test_without_every_class_predicted_the_whitened_probes_are_left_out_and_name
     assert "probe_accuracy" in metrics and "class_whitened_probe_accuracy" not in metrics
 
 
-def test_too_few_codes_to_whiten_leave_training_without_the_pair_and_stop_daae_eval(tmp_path, caplog):
+def test_too_few_codes_to_whiten_leave_training_without_the_pair_and_stop_daae_eval(tmp_path, caplog,
+                                                                                    monkeypatch):
     # Five probe codes cannot give ten classes a covariance each.
     assert main(["train", "--config", str(SMOKE), f"run.dir={tmp_path}", "run.name=r",
                  "train.max_steps=20", "run.progress_bar=false", "eval.final_test=false",
@@ -193,5 +195,9 @@ def test_too_few_codes_to_whiten_leave_training_without_the_pair_and_stop_daae_e
     assert "class_whitened_probe_accuracy" not in metrics["validation"]
     assert "of 5 images, too few" in metrics["class_whitened_error"]
     assert "no class-whitened probes (eval.class_whitened_probes)" in caplog.text
+    # daae eval stops before the probe fits, which on MNIST take minutes.
+    fitted = []
+    monkeypatch.setattr(daae.evaluate, "fit_probes_on_codes", lambda *a, **k: fitted.append(1))
     assert main(["eval", "--checkpoint", str(tmp_path / "r"), "--json"]) == 2
     assert "pass eval.class_whitened_probes=false to daae eval" in caplog.text
+    assert not fitted
