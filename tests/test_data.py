@@ -5,7 +5,7 @@ import torch
 
 from daae.config import DataConfig
 from daae.data import (DataError, DeviceBatches, labelled_indices, load_mnist, make_synthetic,
-                       md5sum, random_shift, read_idx, split, write_idx)
+                       md5sum, random_shift, read_idx, resolve_root, split, write_idx)
 
 NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -169,3 +169,12 @@ def test_random_shift_fills_with_zeros_and_never_wraps_around():
     assert all(0 <= row <= 3 and 0 <= col <= 3 for row, col in kept)
     assert 0 < len(kept) < len(images)  # some moved inward, some out of the frame
     assert torch.equal(random_shift(images, 0, torch.Generator()), images)
+
+
+def test_the_data_folder_is_data_root_then_daae_data_dir_then_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("DAAE_DATA_DIR", raising=False)
+    assert resolve_root(DataConfig(name="mnist")) == tmp_path / "cache" / "daae" / "mnist"
+    monkeypatch.setenv("DAAE_DATA_DIR", str(tmp_path / "shared"))
+    assert resolve_root(DataConfig(name="mnist")) == tmp_path / "shared"
+    assert resolve_root(DataConfig(name="mnist", root=str(tmp_path / "mine"))) == tmp_path / "mine"

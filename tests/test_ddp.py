@@ -1,5 +1,6 @@
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +13,20 @@ from conftest import SMOKE
 HERE = Path(__file__).resolve().parent
 
 
+def _free_port() -> int:
+    # Not a fixed port: two test runs on one machine would collide on it.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.parametrize("step_mode,codes", [("reference", "training"), ("fused", "training"),
                                              ("fused", "evaluation")])
 def test_two_cpu_processes_keep_identical_parameters(tmp_path, step_mode, codes):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                str(HERE / "ddp_worker.py"), str(tmp_path), str(SMOKE), f"run.dir={tmp_path}",
                "run.name=ddp", "train.max_steps=60", f"train.step_mode={step_mode}", "run.progress_bar=false",
                "run.checkpoint_every=25", "eval.final_test=false", "eval.probe_epochs=1",
@@ -32,7 +40,11 @@ def test_two_cpu_processes_keep_identical_parameters(tmp_path, step_mode, codes)
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     for name, tensor in ranks[0]["state"].items():
         assert torch.equal(tensor, ranks[1]["state"][name]), name
-    # Each rank drew its own batches: 60 steps of 2 x 50 images moved the weights.
+    # Each rank drew its own share of the images, and the steps moved the weights.
+    first = [set(rank["first_index"].tolist()) for rank in ranks]
+    assert len(first[0]) == len(first[1]) > 0 and not first[0] & first[1]
+    assert not all(torch.equal(tensor, ranks[0]["initial"][name])
+                   for name, tensor in ranks[0]["state"].items())
     assert (tmp_path / "ddp" / "checkpoints" / "last.pt").is_file()
 
 

@@ -1,7 +1,8 @@
-"""train.cuda_graph: what can be checked without a GPU. The capture itself
-needs CUDA; what decides whether it can work is here: the fused iteration
-never reads a device value back to the host, the option is refused where it
-cannot run, and a run captures anew exactly when a baked-in value changes."""
+"""train.cuda_graph. The capture itself needs CUDA (the last test, skipped
+elsewhere); what decides whether it can work is checked on any machine: the
+iteration never reads a device value back to the host, the option is refused
+where it cannot run, and a run captures anew exactly when a baked-in value
+changes, replaying what the eager loop computes."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -116,13 +117,12 @@ class EagerGraphs:
         return (lambda: outputs.update(iteration())), outputs
 
 
-@pytest.mark.parametrize("step_mode", ["fused", "reference"])
-def test_graphed_steps_train_as_the_eager_loop_does(tmp_path, step_mode):
-    """Warm-up, capture and replay, captured afresh at a learning-rate drop,
-    when C's evaluation codes start and when VAT starts, and the unlabelled
-    batch each replay reads: the same losses, step for step, as
-    training_iteration."""
-    from daae.graphed import WARMUP_ITERATIONS, GraphedStep
+def _eager_and_graphed_losses(tmp_path, step_mode, graphs):
+    """Four epochs' losses, step by step, of training_iteration and of
+    GraphedStep over ``graphs`` (None: real CUDA graphs), with a capture
+    afresh at a learning-rate drop, when C's evaluation codes start and when
+    VAT starts."""
+    from daae.graphed import GraphedStep
 
     config = tiny_config(tmp_path, f"train.step_mode={step_mode}", "data.max_shift=2",
                          "data.synthetic_train_size=800", "data.validation_size=100",
@@ -132,10 +132,10 @@ def test_graphed_steps_train_as_the_eager_loop_does(tmp_path, step_mode):
                          "loss.correlation_batch_norm=evaluation",
                          "loss.correlation_batch_norm_start_epoch=1")
     data = load_data(config.data, config.seed)
-    histories, stand_in = [], EagerGraphs()
+    histories, step_fn = [], None
     for graphed in (False, True):
         setup = prepare_training(config, make_accelerator("no"), data)
-        step_fn = GraphedStep(setup, config, stand_in) if graphed else None
+        step_fn = GraphedStep(setup, config, graphs) if graphed else None
         per_epoch = setup.batches.steps_per_epoch
         history = []
         for step in range(4 * per_epoch):
@@ -146,9 +146,32 @@ def test_graphed_steps_train_as_the_eager_loop_does(tmp_path, step_mode):
                 setup.ctx, setup.optimizers, setup.batches, epoch, step_in_epoch, config))
             history.append({name: float(value) for name, value in losses.items()})
         histories.append(history)
+    return histories, step_fn, per_epoch
+
+
+@pytest.mark.parametrize("step_mode", ["fused", "reference"])
+def test_graphed_steps_train_as_the_eager_loop_does(tmp_path, step_mode):
+    """Warm-up, capture and replay, and the unlabelled batch each replay
+    reads, with an eager stand-in for the graph: the same losses, step for
+    step, as training_iteration."""
+    from daae.graphed import WARMUP_ITERATIONS
+
+    stand_in = EagerGraphs()
+    (eager, graphed), step_fn, per_epoch = _eager_and_graphed_losses(tmp_path, step_mode, stand_in)
     assert per_epoch > WARMUP_ITERATIONS + 1
-    assert histories[1] == histories[0]
+    assert graphed == eager
     # Captures at epoch 0, when C's evaluation codes start (1), at VAT's start
     # (2) and at the drop (3), each after its warm-up.
     assert stand_in.captured_steps == [WARMUP_ITERATIONS * k for k in (1, 2, 3, 4)]
     assert step_fn.captures == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("step_mode", ["fused", "reference"])
+def test_real_cuda_graphs_train_as_the_eager_loop_does(tmp_path, step_mode):
+    """The same with the capture itself (no CPU machine can run it): each
+    replay gives the eager step's losses, up to the GPU's float reordering."""
+    (eager, graphed), step_fn, _ = _eager_and_graphed_losses(tmp_path, step_mode, None)
+    assert step_fn.captures == 4
+    for step, (want, got) in enumerate(zip(eager, graphed)):
+        assert got == pytest.approx(want, rel=1e-3, abs=1e-4), step

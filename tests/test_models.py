@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import daae.models
 from daae import phases
 from daae.data import load_data
 from daae.models import CentreTapConv2d, CentreTapConvTranspose2d, Networks, RunningClassWhitening
@@ -53,14 +54,21 @@ def test_centre_tap_layers_compute_what_the_plain_convolutions_do(image_shape):
             assert torch.count_nonzero(off_centre) == 0, name
 
 
-def test_conv_state_dicts_load_into_plain_and_centre_tap_models_alike():
+def test_conv_state_dicts_load_into_plain_and_centre_tap_models_alike(monkeypatch):
+    # A model built with the plain layers throughout, as checkpoints from
+    # before the centre taps were: each model loads the other's state, strictly.
     torch.manual_seed(0)
-    nets = Networks("conv", (1, 28, 28), 10, 4, 0.5, 16)
-    plain = _with_plain_convolutions(nets)
-    fresh = Networks("conv", (1, 28, 28), 10, 4, 0.5, 16)
-    fresh.load_state_dict(plain.state_dict())  # strict: same keys and shapes
-    for name, tensor in nets.state_dict().items():
-        assert torch.equal(fresh.state_dict()[name], tensor), name
+    with monkeypatch.context() as patch:
+        patch.setattr(daae.models, "CentreTapConv2d", nn.Conv2d)
+        patch.setattr(daae.models, "CentreTapConvTranspose2d", nn.ConvTranspose2d)
+        plain = Networks("conv", (1, 28, 28), 10, 4, 0.5, 16)
+    assert not any(isinstance(m, (CentreTapConv2d, CentreTapConvTranspose2d)) for m in plain.modules())
+    centre_tap = Networks("conv", (1, 28, 28), 10, 4, 0.5, 16)
+    assert any(isinstance(m, CentreTapConv2d) for m in centre_tap.modules())
+    for source, target in ((plain, centre_tap), (centre_tap, Networks("conv", (1, 28, 28), 10, 4, 0.5, 16))):
+        target.load_state_dict(source.state_dict())
+        for name, tensor in source.state_dict().items():
+            assert torch.equal(target.state_dict()[name], tensor), name
 
 
 def test_a_standardising_c_reads_codes_alike_at_any_scale_and_offset():

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from daae import checkpoint
@@ -30,8 +31,6 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
 
 
 def test_resume_from_a_folder_without_checkpoint_is_a_clear_error(tmp_path):
-    import pytest
-
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         train(tiny_config(tmp_path, "train.max_steps=2"), resume=tmp_path / "missing")
 
@@ -41,8 +40,6 @@ def test_resuming_with_another_model_names_the_changed_key(tmp_path):
     class-whitened codes, resumes to the same weights and running statistics as
     a run never stopped; a changed model is refused, naming the key and both
     values."""
-    import pytest
-
     common = ("eval.final_test=false", "eval.probe_epochs=1", "run.checkpoint_every=10",
               "model.correlation_classifiers=2", "model.correlation_standardised=true",
               "model.class_whitening=true", "train.step_mode=fused")
@@ -77,8 +74,6 @@ def test_resuming_with_another_model_names_the_changed_key(tmp_path):
 
 
 def test_switching_a_term_with_its_own_optimizer_on_resume_names_the_key(tmp_path):
-    import pytest
-
     common = ("eval.final_test=false", "eval.probe_epochs=1", "train.step_mode=reference")
     train(tiny_config(tmp_path, "run.name=r", "train.max_steps=4", "loss.independence=0", *common))
     with pytest.raises(checkpoint.CheckpointError,
@@ -89,7 +84,6 @@ def test_switching_a_term_with_its_own_optimizer_on_resume_names_the_key(tmp_pat
 
 
 def test_a_new_run_never_overwrites_an_existing_one(tmp_path):
-    import pytest
     from daae.config import ConfigError
 
     train(tiny_config(tmp_path, "run.name=r", "train.max_steps=2", "eval.final_test=false"))
@@ -144,7 +138,6 @@ def test_a_resume_keeps_the_settings_it_changed_on_record(tmp_path, caplog):
     each resume's step and every setting it changed, and the log names them."""
     import logging
 
-    import pytest
     import yaml
 
     from daae.config import ConfigError
@@ -189,8 +182,6 @@ def test_a_resume_keeps_the_settings_it_changed_on_record(tmp_path, caplog):
 
 
 def test_a_resume_keeps_the_labelled_subset_and_the_validation_split(tmp_path):
-    import pytest
-
     train(tiny_config(tmp_path, "run.name=r", "train.max_steps=4", "eval.final_test=false",
                       "eval.probe_epochs=1"))
     for change, message in (("seed=7", r"seed is 7 here, 0 in the checkpoint"),
@@ -200,8 +191,6 @@ def test_a_resume_keeps_the_labelled_subset_and_the_validation_split(tmp_path):
 
 
 def test_a_run_folder_trains_in_one_process_at_a_time(tmp_path):
-    import pytest
-
     from daae.config import ConfigError
     from daae.train import _lock_run_dir
 
@@ -221,7 +210,6 @@ def test_a_crash_after_the_checkpoint_leaves_no_doubled_steps_or_stale_files(tmp
     """The stretch after the last checkpoint is trained again on resume: its
     TensorBoard points are replaced, not doubled, and a checkpoint half written
     by a killed process is cleared away."""
-    import pytest
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     common = ("run.name=r", "train.max_steps=20", "run.log_every=5", "run.checkpoint_every=10",
@@ -267,9 +255,28 @@ def test_a_run_stopped_by_a_signal_checkpoints_there_and_resumes(tmp_path, monke
     assert checkpoint.load(tmp_path / "r")["step"] == 20
 
 
-def test_a_run_that_stopped_before_its_first_checkpoint_says_how_to_start_it_again(tmp_path):
-    import pytest
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_is_noted_and_a_second_one_stops_at_once(name):
+    # SIGTERM is what SLURM's preemption and `kill` send: noted like Ctrl-C.
+    import os
+    import signal
 
+    from daae.interrupt import StopRequest
+
+    number = getattr(signal, name)
+    before = signal.getsignal(number)
+    stop = StopRequest.install()
+    try:
+        os.kill(os.getpid(), number)
+        assert stop.requested("cpu", 1) and stop.signal_name == name
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), number)
+    finally:
+        stop.restore()
+    assert signal.getsignal(number) == before
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_says_how_to_start_it_again(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.yaml").write_text("seed: 0\n")
     with pytest.raises(checkpoint.CheckpointError, match=r"stopped before its first checkpoint: "
