@@ -24,8 +24,8 @@ RESUMES_FILE = "resumes.yaml"
 # changed one would train on other labels, and an evaluation would validate on
 # images the run trained on.
 SPLIT_KEYS = ("seed", "data.name", "data.labels_per_class", "data.validation_size",
-              "data.split_seed", "data.synthetic_train_size", "data.synthetic_test_size",
-              "data.synthetic_image_size")
+              "data.split_seed", "data.svhn_extra", "data.synthetic_train_size",
+              "data.synthetic_test_size", "data.synthetic_image_size")
 
 
 def build_networks(config: Config, image_shape: tuple[int, int, int], num_classes: int) -> Networks:

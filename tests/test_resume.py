@@ -190,6 +190,18 @@ def test_a_resume_keeps_the_labelled_subset_and_the_validation_split(tmp_path):
             train(tiny_config(tmp_path, "run.name=r", "train.max_steps=8", change), resume=tmp_path / "r")
 
 
+def test_every_data_key_but_where_the_files_are_and_the_shifts_is_kept_on_resume():
+    # A data key added later is kept unless it is known not to change which
+    # images are labelled or held out (data.svhn_extra once slipped through).
+    from dataclasses import fields
+
+    from daae.config import DataConfig
+    from daae.runs import SPLIT_KEYS
+
+    free = {"data.root", "data.download", "data.max_shift"}
+    assert {f"data.{field.name}" for field in fields(DataConfig)} - free <= set(SPLIT_KEYS)
+
+
 def test_a_run_folder_trains_in_one_process_at_a_time(tmp_path):
     from daae.config import ConfigError
     from daae.train import _lock_run_dir

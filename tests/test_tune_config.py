@@ -229,6 +229,16 @@ def test_trials_rank_finished_by_score_then_stopped_by_depth_then_failed():
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
 
 
+def test_the_trial_table_holds_every_metric_a_search_can_rank_on():
+    from tune.objective import VALIDATION_METRICS
+
+    reported = {name: 0.5 for name in VALIDATION_METRICS}
+    row = collect(SimpleNamespace(arms=None, space={}), [SimpleNamespace(
+        path="/exp/a", config={}, error=None,
+        metrics={"step": 10, "score": 0.9, "final": True, **reported})])[0]
+    assert {name: row.get(name) for name in VALIDATION_METRICS} == reported
+
+
 def test_class_whitened_probes_can_be_targeted_and_show_in_the_trial_table_only_when_reported():
     values = smoke_values(target={"tolerance": 0.05, "metrics": ["adversary_accuracy",
                                                                   "class_whitened_probe_accuracy"]})

@@ -29,7 +29,8 @@ ARMS_CSV, ARMS_MD = "arms.csv", "arms.md"
 BEST_CONFIG = "best_config.yaml"
 METRIC_COLUMNS = ("score", "meets_target", "target_distance", "accuracy", "adversary_accuracy",
                   "adversary_floor", "probe_accuracy", "linear_probe_accuracy", *WHITENED_METRICS,
-                  "labelled_accuracy", "recon_mse", "z_mean", "z_std", "y_marginal_entropy", "step")
+                  "labelled_accuracy", "cluster_accuracy", "recon_mse", "z_mean", "z_std",
+                  "y_marginal_entropy", "step")
 ARM_METRICS = ("accuracy", "adversary_accuracy", "adversary_floor", "probe_accuracy",
                "linear_probe_accuracy", *WHITENED_METRICS, "recon_mse")
 PERCENT = ("accuracy", "adversary_accuracy", "adversary_floor", "probe_accuracy",

@@ -1,5 +1,6 @@
 """The search YAML: parsed into dataclasses and checked against the trainer's
-own config schema before any trial starts.
+own config schema before any trial starts. An example (the defaults are the
+dataclasses' below: no arms, one sample, no scheduler, no retries):
 
     name: weights                 # experiment folder: storage_path/name
     base: ../mnist.yaml           # trainer config: a path (relative to this file) or a mapping
