@@ -162,6 +162,8 @@ def test_nothing_in_a_config_string_is_evaluated(tmp_path):
     ({"scheduler": {"kind": "hyperband"}}, "scheduler.kind"),
     ({"scheduler": {"kind": "asha", "grace_period": 1000}}, "grace_period"),
     ({"scheduler": {"kind": "asha", "grace_period": 5}}, "before the first evaluation"),
+    ({"arms": {"long": {"train.max_steps": 120}, "short": {}}},
+     "scheduler.max_t: set it .*arms 'long' set train.max_steps"),
     ({"overrides": {"run.checkpoint_every": 30}}, "multiple of run.eval_every"),
     ({"overrides": {"run.dir": "/elsewhere"}}, "overrides 'run.dir': each trial sets it"),
     ({"overrides": {"eval.final_test": True}}, "overrides 'eval.final_test': each trial sets it"),
@@ -227,6 +229,13 @@ def test_trials_rank_finished_by_score_then_stopped_by_depth_then_failed():
     rows = collect(spec, grid)
     assert [r["trial"] for r in rows] == ["finished_high", "finished_low", "deeper", "early_lucky", "failed"]
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_a_trial_of_an_arm_the_search_no_longer_has_is_refused():
+    spec = parse(smoke_values(arms={"on": {}, "off": {"loss.decorrelation": 0.0}}))
+    assert spec.trainer_config({"arm": "off"}).loss.decorrelation == 0.0
+    with pytest.raises(SearchError, match="arm 'gone' is not in arms \\(on, off\\)"):
+        spec.trainer_config({"arm": "gone"})
 
 
 def test_the_trial_table_holds_every_metric_a_search_can_rank_on():

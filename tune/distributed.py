@@ -78,12 +78,7 @@ def worker_loop(loop_config: dict) -> None:
     resume = loop_config["resume"]
     if resume is not None:
         # Every rank loads the checkpoint, and ranks may sit on different nodes.
-        target = checkpoint_path(run_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".resume.")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(resume)
-        os.replace(tmp, target)
+        atomic_write(checkpoint_path(run_dir), lambda handle: handle.write(resume))
     hooks = Hooks()
     shipper = None
     if ray.train.get_context().get_world_rank() == 0:
@@ -192,8 +187,7 @@ def train_distributed(config: Config, run_dir: Path, resume: bool, reporter: Rep
                 # reports), so the files come here.
                 write_run_folder_files(run_dir, payload)
             else:
-                target = staging / "last.pt"
-                target.write_bytes(payload)
+                target = atomic_write(staging / "last.pt", lambda handle: handle.write(payload))
                 reporter.on_checkpoint(step, target)
         runner.join()
         if "error" in outcome:

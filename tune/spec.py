@@ -128,7 +128,10 @@ class SearchSpec:
         values = copy.deepcopy(self.base)
         params = dict(params)
         arm = params.pop(ARM_KEY, None)
-        for key, value in [*self.arms.get(arm, {}).items(), *params.items()]:
+        if arm is not None and arm not in self.arms:
+            raise SearchError(f"arm '{arm}' is not in arms ({', '.join(self.arms) or 'none'}): the "
+                              f"search's arms changed since its trials began; start a new search")
+        for key, value in [*(self.arms[arm] if arm is not None else {}).items(), *params.items()]:
             set_dotted(values, key, value)
         if for_trial:
             set_dotted(values, "eval.final_test", False)
@@ -397,6 +400,11 @@ def _check_schedule(spec: SearchSpec) -> None:
         raise SearchError(f"scheduler.kind: expected asha or none, got '{s.kind}'")
     if s.kind == "none":
         return
+    searched = [where for where, keys in [("space", spec.space), *(
+        (f"arms '{name}'", arm) for name, arm in (spec.arms or {}).items())] if "train.max_steps" in keys]
+    if s.max_t is None and searched:
+        raise SearchError(f"scheduler.max_t: set it (in steps): {' and '.join(searched)} set "
+                          f"train.max_steps, so ASHA cannot take its rungs' end from it")
     max_t = s.max_t if s.max_t is not None else config.train.max_steps
     if max_t is None:
         raise SearchError("scheduler.max_t: set it (in steps) or set train.max_steps, so ASHA "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,9 +147,8 @@ def restore_checkpoint(run_dir: Path) -> int:
     with checkpoint.as_directory() as folder:
         source = Path(folder)
         if source.resolve() != target.parent.resolve():
-            tmp = target.with_name(f".{target.name}.restore")
-            shutil.copyfile(source / target.name, tmp)
-            os.replace(tmp, target)
+            with open(source / target.name, "rb") as restored:
+                atomic_write(target, lambda handle: shutil.copyfileobj(restored, handle))
         step = json.loads((source / STEP_FILE).read_text())["step"]
     log.info("trial resumes from its checkpoint at step %d", step)
     return int(step)
