@@ -1,0 +1,130 @@
+"""Checks of a parsed search (``tune.spec.parse_search`` runs them) before any
+trial starts: each names the search-file key to fix."""
+from __future__ import annotations
+
+from daae.schema import ConfigError
+
+from .objective import FINAL_ONLY_METRICS, TARGETABLE_METRICS, VALIDATION_METRICS, WHITENED_METRICS
+from .space import SearchError
+from .spec import ARM_KEY, RESERVED_KEYS, Resources, SearchSpec
+
+
+def _check_trainer_values(spec: SearchSpec) -> None:
+    for key in [*spec.space, *(k for arm in spec.arms.values() for k in arm)]:
+        if key in RESERVED_KEYS:
+            raise SearchError(f"'{key}' cannot be searched: the search sets it for every trial")
+        if key == "eval.class_whitened_probes":
+            # Reporting only, and a trial without it would drop a whitened target silently.
+            raise SearchError(f"'{key}' cannot be searched: it changes what trials report, not how "
+                              f"they train; set it under overrides")
+    for key, dist in spec.space.items():
+        for value in dist.candidates():
+            try:
+                spec.trainer_config({key: value})
+            except ConfigError as exc:
+                raise SearchError(f"space '{key}' value {value!r}: {exc}") from None
+    for name in spec.arms or {}:
+        try:
+            spec.trainer_config({ARM_KEY: name})
+        except ConfigError as exc:
+            raise SearchError(f"arms '{name}': {exc}") from None
+    # One combined sample too: keys can constrain each other.
+    sample = {k: d.candidates()[0] for k, d in spec.space.items()}
+    for name in spec.arms or [None]:
+        try:
+            spec.trainer_config({**sample, ARM_KEY: name})
+        except ConfigError as exc:
+            raise SearchError(f"space/arms combination {sample} (arm {name}): {exc}") from None
+
+
+def validate(spec: SearchSpec) -> None:
+    f = spec.file
+    if not f.name or "/" in f.name or f.name.startswith("."):
+        raise SearchError(f"name: '{f.name}' must be a plain folder name")
+    if f.num_samples < 1:
+        raise SearchError(f"num_samples: must be at least 1, got {f.num_samples}")
+    if f.metric not in VALIDATION_METRICS:
+        raise SearchError(f"metric: nothing reports '{f.metric}'; the validation metrics are "
+                          f"{', '.join(VALIDATION_METRICS)}")
+    if f.mode not in ("max", "min"):
+        raise SearchError(f"mode: expected max or min, got '{f.mode}'")
+    for name in f.target.metrics:
+        if name not in TARGETABLE_METRICS:
+            raise SearchError(f"target.metrics: '{name}' is not reported as a classifier accuracy; "
+                              f"choose from {', '.join(TARGETABLE_METRICS)}")
+    if not 0 <= f.target.tolerance <= 1:
+        raise SearchError(f"target.tolerance: must be in [0, 1], got {f.target.tolerance}")
+    if f.target.chance is not None and not 0 < f.target.chance < 1:
+        raise SearchError(f"target.chance: must be in (0, 1), got {f.target.chance}")
+    if f.max_failures < -1:
+        raise SearchError("max_failures: must be -1 (retry forever), 0 or more")
+    if f.keep_checkpoints < 1:
+        raise SearchError("keep_checkpoints: must be at least 1 (trials resume from it)")
+    if f.max_concurrent_trials is not None and f.max_concurrent_trials < 1:
+        raise SearchError("max_concurrent_trials: must be at least 1, or null")
+    if ARM_KEY in spec.space:
+        raise SearchError(f"space: '{ARM_KEY}' is reserved for the arms mapping")
+    _check_resources(f.resources)
+    _check_trainer_values(spec)
+    _check_schedule(spec)
+
+
+def _check_resources(r: Resources) -> None:
+    if r.cpu <= 0:
+        raise SearchError(f"resources.cpu: must be positive, got {r.cpu}")
+    if r.gpu < 0:
+        raise SearchError(f"resources.gpu: must be 0 or more, got {r.gpu}")
+    if r.gpu > 1 and r.gpu != int(r.gpu):
+        raise SearchError(f"resources.gpu: {r.gpu} GPUs: more than one GPU per trial must be a whole "
+                          f"number (one per distributed worker); fractions are for sharing one GPU")
+    if r.workers is not None:
+        if r.workers < 1:
+            raise SearchError(f"resources.workers: must be at least 1, got {r.workers}")
+        # Workers sharing a GPU would share one device too, which NCCL refuses.
+        if r.gpu > 0 and (r.gpu > 1 or r.workers > 1) and r.workers != r.gpu:
+            raise SearchError(f"resources.workers: {r.workers} workers for {r.gpu:g} GPUs; "
+                              f"a distributed trial uses one whole GPU per worker (set "
+                              f"resources.gpu={r.workers}, or gpu: 0 for CPU workers)")
+
+
+def _check_schedule(spec: SearchSpec) -> None:
+    f, s = spec.file, spec.file.scheduler
+    config = spec.trainer_config({k: d.candidates()[0] for k, d in spec.space.items()})
+    if config.run.checkpoint_every % config.run.eval_every:
+        raise SearchError(
+            f"run.checkpoint_every ({config.run.checkpoint_every}) must be a multiple of "
+            f"run.eval_every ({config.run.eval_every}) in a search: each checkpoint is reported to "
+            f"Tune with the evaluation at its step")
+    if f.metric in FINAL_ONLY_METRICS and not config.eval.probes_during_training:
+        raise SearchError(f"metric: '{f.metric}' is reported only when a trial ends; set "
+                          f"overrides.eval.probes_during_training=true to rank on it")
+    # Unreported, a target metric would silently drop out of the target.
+    for where, name in [("metric", f.metric)] + [("target.metrics", m) for m in f.target.metrics]:
+        if name in WHITENED_METRICS and not config.eval.class_whitened_probes:
+            raise SearchError(f"{where}: '{name}' is reported only with the class-whitened "
+                              f"probes; set overrides.eval.class_whitened_probes=true")
+    if config.train.mixed_precision == "fp16" and f.resources.gpu == 0:
+        raise SearchError("train.mixed_precision=fp16 needs a GPU but resources.gpu is 0")
+    if s.kind not in ("asha", "none"):
+        raise SearchError(f"scheduler.kind: expected asha or none, got '{s.kind}'")
+    if s.kind == "none":
+        return
+    searched = [where for where, keys in [("space", spec.space), *(
+        (f"arms '{name}'", arm) for name, arm in (spec.arms or {}).items())] if "train.max_steps" in keys]
+    if s.max_t is None and searched:
+        raise SearchError(f"scheduler.max_t: set it (in steps): {' and '.join(searched)} set "
+                          f"train.max_steps, so ASHA cannot take its rungs' end from it")
+    max_t = s.max_t if s.max_t is not None else config.train.max_steps
+    if max_t is None:
+        raise SearchError("scheduler.max_t: set it (in steps) or set train.max_steps, so ASHA "
+                          "knows where its rungs end")
+    if not 1 <= s.grace_period <= max_t:
+        raise SearchError(f"scheduler.grace_period: must be in [1, max_t={max_t}], got {s.grace_period}")
+    if s.reduction_factor <= 1:
+        raise SearchError(f"scheduler.reduction_factor: must be above 1, got {s.reduction_factor}")
+    if s.brackets < 1:
+        raise SearchError(f"scheduler.brackets: must be at least 1, got {s.brackets}")
+    if s.grace_period < config.run.eval_every:
+        raise SearchError(f"scheduler.grace_period ({s.grace_period} steps) is shorter than "
+                          f"run.eval_every ({config.run.eval_every}): ASHA would decide before the "
+                          f"first evaluation")
