@@ -111,12 +111,12 @@ class GraphedStep:
                                   setup.batches.unlabelled_images(self.index), weights, self.config)
 
     def _release_gradients(self) -> None:
-        """Every parameter's gradient to None. The reference order's phases
-        leave gradients on networks they do not step (accumulated, never
-        read: each optimizer zeroes its own before its backward). A capture
-        that accumulated into such a buffer, allocated outside its memory
-        pool, would keep writing there on every replay after the buffer was
-        freed; with none left, every gradient a capture writes is its own."""
+        """Every parameter's gradient to None. Each phase zeroes only its own
+        optimizer's gradients, so after eager iterations every parameter
+        still holds the buffer its phase last wrote, allocated outside the
+        graph's memory pool. A capture that wrote into such a buffer would
+        keep writing there on every replay after it was freed; with none
+        left, every gradient a capture writes is its own."""
         for optimizer in self.setup.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
 
