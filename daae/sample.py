@@ -99,8 +99,8 @@ def check_request(kind: str, n: int, seed: int = 0) -> None:
         raise SampleError(f"--kind {kind!r} is not known; choose one of {', '.join(KINDS)}")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_ROWS:
         raise SampleError(f"--n {n!r} is out of range: the grid takes 1 to {MAX_ROWS} rows")
-    if not 0 <= seed < 2**32:  # the range a run's seed takes
-        raise SampleError(f"--seed {seed} is out of range: choose one in [0, 2**32)")
+    if not -2**63 <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise SampleError(f"--seed {seed} is out of range: choose one in [-2**63, 2**64)")
 
 
 def write_sample(run_dir, kind: str = "style", n: int = 8, seed: int = 0, out="sample.png",
