@@ -143,8 +143,7 @@ def build_tuner(spec: SearchSpec):
     f = spec.file
     scheduler = None
     if f.scheduler.kind == "asha":
-        max_t = f.scheduler.max_t or spec.trainer_config({}).train.max_steps
-        scheduler = ASHAScheduler(time_attr="step", max_t=max_t,
+        scheduler = ASHAScheduler(time_attr="step", max_t=spec.asha_max_t(),
                                   grace_period=f.scheduler.grace_period,
                                   reduction_factor=f.scheduler.reduction_factor,
                                   brackets=f.scheduler.brackets)

@@ -137,6 +137,12 @@ class SearchSpec:
             set_dotted(values, "run.progress_bar", False)
         return from_dict(values)
 
+    def asha_max_t(self) -> Optional[int]:
+        """ASHA's last rung: ``scheduler.max_t``, else the base's ``train.max_steps``
+        (which validation keeps out of ``space`` and ``arms`` in that case)."""
+        max_t = self.file.scheduler.max_t
+        return max_t if max_t is not None else self.trainer_config({}).train.max_steps
+
     def to_yaml(self) -> str:
         """Self-contained: the base is inlined, so resuming needs no other file."""
         data = dataclasses.asdict(self.file)

@@ -114,7 +114,7 @@ def _check_schedule(spec: SearchSpec) -> None:
     if s.max_t is None and searched:
         raise SearchError(f"scheduler.max_t: set it (in steps): {' and '.join(searched)} set "
                           f"train.max_steps, so ASHA cannot take its rungs' end from it")
-    max_t = s.max_t if s.max_t is not None else config.train.max_steps
+    max_t = spec.asha_max_t()
     if max_t is None:
         raise SearchError("scheduler.max_t: set it (in steps) or set train.max_steps, so ASHA "
                           "knows where its rungs end")
