@@ -158,6 +158,14 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(run_dir, tmp_path, caplog
     assert list(out_dir.iterdir()) == []
 
 
+def test_any_seed_torchs_generator_takes_draws_a_grid(run_dir, tmp_path):
+    for seed in (-1, 2**64 - 1):
+        out = tmp_path / f"random{seed}.png"
+        assert cli.main(["sample", "--checkpoint", str(run_dir), "--kind", "random", "--n", "2",
+                         "--seed", str(seed), "--out", str(out), "--device", "cpu"]) == 0
+        assert out.is_file()
+
+
 def test_unknown_kind_is_refused(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["sample", "--checkpoint", str(run_dir), "--kind", "zebra", "--out",
