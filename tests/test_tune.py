@@ -146,6 +146,45 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
         assert (experiment / name / "result.json").read_text() == before  # not run again
 
 
+def test_a_search_over_seeds_trains_each_sampled_config_on_every_seed(ray_session, tmp_path, capsys):
+    # Interrupted after its first trial and resumed: the sampled values are
+    # drawn once, so the resumed trials still share them.
+    rc = tune_main(["--config", SMOKE, f"storage_path={tmp_path}", "num_samples=2", "seeds=[3, 4]",
+                    "scheduler.kind=none", "max_concurrent_trials=1",
+                    "fault_injection.interrupt_after_trials=1", *QUICK])
+    assert rc == 1
+    experiment = tmp_path / "smoke"
+    assert tune_main(["--resume", str(experiment)]) == 0
+    searched = ("loss.decorrelation", "loss.adversarial_z", "train.lr")
+    trained = {}
+    for trial in trial_dirs(experiment):
+        config = yaml.safe_load((trial / "config.yaml").read_text())  # what the trainer ran
+        values = (config["loss"]["decorrelation"], config["loss"]["adversarial_z"], config["train"]["lr"])
+        trained[trial.name.split("-", 1)[1]] = (config["seed"], values)
+    assert sorted(trained) == ["c0-seed3", "c0-seed4", "c1-seed3", "c1-seed4"]
+    assert {name: seed for name, (seed, _) in trained.items()} == {
+        "c0-seed3": 3, "c0-seed4": 4, "c1-seed3": 3, "c1-seed4": 4}
+    assert trained["c0-seed3"][1] == trained["c0-seed4"][1] != trained["c1-seed3"][1] == trained["c1-seed4"][1]
+
+    rows = read_rows(experiment)
+    assert len(rows) == 4 and all(r["status"] == "finished" for r in rows)
+    with open(experiment / "configs.csv") as handle:
+        configs = list(csv.DictReader(handle))
+    assert [int(c["rank"]) for c in configs] == [1, 2] and all(c["n"] == "2" for c in configs)
+    for config in configs:
+        seeds = [r for r in rows if r["config"] == config["config"]]
+        assert float(config["score_mean"]) == pytest.approx(sum(float(r["score"]) for r in seeds) / 2)
+        assert config["meets_target"] == f"{sum(r['meets_target'] == 'True' for r in seeds)}/2"
+    key = lambda c: (c["meets_target_on_every_seed"] == "True", float(c["score_mean"]))  # noqa: E731
+    assert key(configs[0]) >= key(configs[1])
+    best = yaml.safe_load((experiment / "best_config.yaml").read_text())
+    best_values = trained[f"c{configs[0]['config']}-seed3"][1]
+    assert (best["loss"]["decorrelation"], best["loss"]["adversarial_z"], best["train"]["lr"]) == best_values
+    assert best["seed"] == 0  # the base config's: one run per seed is the user's to start
+    assert (experiment / "configs.md").read_text() in capsys.readouterr().out
+    assert all(float(configs[0][k]) == pytest.approx(v) for k, v in zip(searched, best_values))
+
+
 def test_resources_the_cluster_cannot_hold_fail_before_any_trial(ray_session, tmp_path, caplog):
     for override, named in (("resources.cpu=64", "64 CPU"), ("resources.gpu=2", "2 GPU"),
                             ("resources.gpu=0.5", "0.5 GPU")):

@@ -11,7 +11,7 @@ from daae.cli import main as daae_main
 from daae.config import ConfigError
 from tune import Objective, SearchError, Target, load_search, parse_search
 from tune.cli import main as tune_main
-from tune.results import arm_rows, arms_markdown, collect
+from tune.results import arm_rows, arms_markdown, collect, config_rows, configs_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCHES = sorted((ROOT / "configs" / "tune").glob("*.yaml"))
@@ -169,6 +169,17 @@ def test_nothing_in_a_config_string_is_evaluated(tmp_path):
     ({"overrides": {"eval.final_test": True}}, "overrides 'eval.final_test': each trial sets it"),
     ({"overrides": {"train.mixed_precision": "fp16"}}, "needs a GPU"),
     ({"base": None}, "needs a trainer config"),
+    ({"seeds": [0, 1], "scheduler": {"kind": "asha", "grace_period": 20}},
+     "seeds: .*ASHA would stop them one by one; set scheduler.kind: none"),
+    ({"seeds": [0, 0], "scheduler": {"kind": "none"}}, "seeds: expected a list of distinct"),
+    ({"seeds": [], "scheduler": {"kind": "none"}}, "seeds: expected a list of distinct"),
+    ({"seeds": [0, -1], "scheduler": {"kind": "none"}}, "seeds: -1: seed: must be in"),
+    ({"seeds": [0, 1], "scheduler": {"kind": "none"}, "space": {"seed": {"grid": [0, 1]}}},
+     "seeds: space also sets 'seed'"),
+    ({"seeds": [0, 1], "scheduler": {"kind": "none"}, "overrides": {"seed": 3}},
+     "seeds: overrides also sets 'seed'"),
+    ({"seeds": [0, 1], "scheduler": {"kind": "none"}, "arms": {"a": {"seed": 3}, "b": {"seed": 4}}},
+     "seeds: arms 'a' and arms 'b' also set 'seed'"),
     ({"name": "a/b"}, "plain folder name"),
 ])
 def test_bad_search_fails_naming_the_problem(changes, message):
@@ -294,6 +305,32 @@ def test_arm_tables_show_the_class_whitened_probes_only_when_trials_report_them(
     assert "class_whitened_linear_probe_accuracy_mean" not in whitened[0]
     header = arms_markdown(whitened).splitlines()[0]
     assert "| class_whitened_probe_accuracy % |" in header and "linear_probe_accuracy % |" in header
+
+
+def test_a_configuration_searched_over_seeds_must_meet_the_target_on_every_seed():
+    def trial(config, seed, score, meets=True, status="finished"):
+        return {"config": config, "seed": seed, "status": status, "score": score, "meets_target": meets,
+                "loss.decorrelation": 0.1 * config, "accuracy": score and max(score, 0.0),
+                "adversary_accuracy": 0.1, "adversary_floor": 0.11, "probe_accuracy": 0.12,
+                "linear_probe_accuracy": 0.1, "recon_mse": 0.02,
+                "_params": {"loss.decorrelation": 0.1 * config, "seed": seed}}
+
+    spec = SimpleNamespace(arms=None, space={"loss.decorrelation": None},
+                           file=SimpleNamespace(seeds=[0, 1, 2]))
+    rows = [trial(0, s, 0.5) for s in range(3)]
+    # A higher mean score than configuration 0, but one seed misses the target.
+    rows += [trial(1, 0, 0.99), trial(1, 1, 0.99), trial(1, 2, -0.02, meets=False)]
+    # Every finished seed meets it, but one seed failed.
+    rows += [trial(2, 0, 0.99), trial(2, 1, 0.99), trial(2, 2, None, status="error")]
+    rows += [trial(3, s, 0.6) for s in range(3)]
+    table = config_rows(spec, rows)
+    assert [r["config"] for r in table] == [3, 0, 1, 2]
+    assert [r["meets_target_on_every_seed"] for r in table] == [True, True, False, False]
+    assert [r["meets_target"] for r in table] == ["3/3", "3/3", "2/3", "2/2"]
+    assert table[0]["score_mean"] == pytest.approx(0.6) and table[0]["n"] == 3
+    assert table[0]["_params"] == {"loss.decorrelation": pytest.approx(0.3)}  # no seed: train each
+    markdown = configs_markdown(spec, table).splitlines()
+    assert len(markdown) == 2 + 4 and markdown[2].startswith("| 1 | 3 | 0.3 | 3 | 0.6000 |")
 
 
 def test_a_crash_while_writing_search_yaml_leaves_the_old_one(tmp_path, monkeypatch):

@@ -43,10 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _write_tables(outcome) -> None:
-    from .results import ARMS_MD, TRIALS_MD
+    from .results import ARMS_MD, CONFIGS_MD, TRIALS_MD
     from .storage import read_text
 
-    for name in (TRIALS_MD, ARMS_MD):
+    for name in (TRIALS_MD, ARMS_MD, CONFIGS_MD):
         if name in outcome.files:
             sys.stdout.write(f"\n{name}:\n{read_text(outcome.files[name])}")
 

@@ -18,14 +18,16 @@ from daae.evaluate import tensorboard_tags
 from daae.summary import markdown_table, mean_std
 
 from .objective import WHITENED_METRICS
-from .space import plain
-from .spec import ARM_KEY, SearchSpec
+from .spec import ARM_KEY, SEED_KEY, SearchSpec, trial_params
 from .storage import is_remote, write_text
 
 log = logging.getLogger(__name__)
 
 TRIALS_CSV, TRIALS_MD = "trials.csv", "trials.md"
 ARMS_CSV, ARMS_MD = "arms.csv", "arms.md"
+CONFIGS_CSV, CONFIGS_MD = "configs.csv", "configs.md"
+# A search with `seeds`: the index of a trial's sampled configuration.
+CONFIG_COLUMN = "config"
 BEST_CONFIG = "best_config.yaml"
 METRIC_COLUMNS = ("score", "meets_target", "target_distance", "accuracy", "adversary_accuracy",
                   "adversary_floor", "probe_accuracy", "linear_probe_accuracy", *WHITENED_METRICS,
@@ -45,7 +47,7 @@ def collect(spec: SearchSpec, grid) -> list[dict]:
     rows = []
     for result in grid:
         metrics = result.metrics or {}
-        params = {k: plain(v) for k, v in (result.config or {}).items()}
+        params, sample = trial_params(result.config or {})
         if result.error is not None:
             status = "error"
         elif metrics.get("final"):
@@ -55,6 +57,8 @@ def collect(spec: SearchSpec, grid) -> list[dict]:
         row = {"trial": Path(str(result.path)).name, "status": status}
         if spec.arms:
             row[ARM_KEY] = params.get(ARM_KEY)
+        if sample is not None:
+            row |= {CONFIG_COLUMN: sample, SEED_KEY: params.get(SEED_KEY)}
         row |= {key: params.get(key) for key in spec.space}
         row |= {key: metrics.get(key) for key in METRIC_COLUMNS}
         row["_params"], row["_path"] = params, str(result.path)
@@ -111,36 +115,86 @@ def to_markdown(rows: list[dict], formatter=_format) -> str:
 
 # ------------------------------------------------------------------------------ arms
 
+def _aggregate(row: dict, done: list[dict]) -> dict:
+    """Mean and sample standard deviation (n-1) of each of ARM_METRICS over
+    ``done`` (finished trials), and how many of them meet the target."""
+    for name in ARM_METRICS:
+        values = [r[name] for r in done if r.get(name) is not None]
+        row[f"{name}_mean"], row[f"{name}_std"] = mean_std(values) if values else (None, None)
+    row["meets_target"] = f"{sum(bool(r['meets_target']) for r in done)}/{len(done)}"
+    return row
+
+
+def _unreported_spreads(rows: list[dict]) -> list[dict]:
+    return _without_unreported(rows, [f"{name}_{part}" for name in WHITENED_METRICS
+                                      for part in ("mean", "std")])
+
+
 def arm_rows(spec: SearchSpec, rows: list[dict]) -> list[dict]:
     """Mean and sample standard deviation (n-1) per arm over its finished
     trials (the seeds), one row per arm in the YAML's order."""
     out = []
     for arm in spec.arms:
         done = [r for r in rows if r.get(ARM_KEY) == arm and r["status"] == "finished"]
-        row = {"arm": arm, "n": len(done)}
-        for name in ARM_METRICS:
-            values = [r[name] for r in done if r.get(name) is not None]
-            row[f"{name}_mean"], row[f"{name}_std"] = mean_std(values) if values else (None, None)
-        row["meets_target"] = f"{sum(bool(r['meets_target']) for r in done)}/{len(done)}"
+        out.append(_aggregate({"arm": arm, "n": len(done)}, done))
+    return _unreported_spreads(out)
+
+
+def config_rows(spec: SearchSpec, rows: list[dict]) -> list[dict]:
+    """A search with ``seeds``: one row per sampled configuration (and arm),
+    best first. A configuration is judged on all its seeds: it meets the target
+    only if every seed finished and meets it, and ranks on the mean score of
+    its seeds, those that meet the target first. A configuration whose seeds
+    did not all finish ranks after every one whose seeds did."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row.get(ARM_KEY), row[CONFIG_COLUMN]), []).append(row)
+    out = []
+    for (arm, index), members in groups.items():
+        done = [r for r in members if r["status"] == "finished"]
+        scores = [r["score"] for r in done if r["score"] is not None]
+        complete = len(scores) == len(spec.file.seeds)
+        row = {CONFIG_COLUMN: index, **({"arm": arm} if spec.arms else {}),
+               **{key: members[0].get(key) for key in spec.space},
+               "n": len(done), "score_mean": sum(scores) / len(scores) if scores else None,
+               "meets_target_on_every_seed": complete and all(bool(r["meets_target"]) for r in done)}
+        row = _aggregate(row, done)
+        row["_params"] = {k: v for k, v in done[0]["_params"].items() if k != SEED_KEY} if done else None
+        row["_complete"] = complete
         out.append(row)
-    return _without_unreported(out, [f"{name}_{part}" for name in WHITENED_METRICS
-                                     for part in ("mean", "std")])
+    out.sort(key=lambda r: (not r["_complete"], not r["meets_target_on_every_seed"],
+                            -(r["score_mean"] if r["score_mean"] is not None else -math.inf)))
+    for rank, row in enumerate(out, 1):
+        row["rank"] = rank
+    return _unreported_spreads(out)
+
+
+def configs_markdown(spec: SearchSpec, rows: list[dict]) -> str:
+    table = []
+    for row in rows:
+        cells = {"rank": row["rank"], CONFIG_COLUMN: row[CONFIG_COLUMN],
+                 **({"arm": row["arm"]} if spec.arms else {}),
+                 **{key: _format(key, row[key]) for key in spec.space}, "n": row["n"],
+                 "mean score": "" if row["score_mean"] is None else f"{row['score_mean']:.4f}"}
+        table.append(cells | _spread_cells(row))
+    return to_markdown(table, lambda key, value: str(value))
+
+
+def _spread_cells(row: dict) -> dict:
+    cells = {}
+    for name in ARM_METRICS:
+        if f"{name}_mean" not in row:
+            continue
+        mean, std = row[f"{name}_mean"], row[f"{name}_std"]
+        scale, unit = (100.0, " %") if name in PERCENT else (1.0, "")
+        cells[f"{name}{unit}"] = "" if mean is None else (
+            f"{mean * scale:.2f} ± {std * scale:.2f}" if scale != 1 else f"{mean:.4f} ± {std:.4f}")
+    cells["meets target"] = row["meets_target"]
+    return cells
 
 
 def arms_markdown(rows: list[dict]) -> str:
-    table = []
-    for row in rows:
-        cells = {"arm": row["arm"], "n": row["n"]}
-        for name in ARM_METRICS:
-            if f"{name}_mean" not in row:
-                continue
-            mean, std = row[f"{name}_mean"], row[f"{name}_std"]
-            scale, unit = (100.0, " %") if name in PERCENT else (1.0, "")
-            label = f"{name}{unit}"
-            cells[label] = "" if mean is None else (
-                f"{mean * scale:.2f} ± {std * scale:.2f}" if scale != 1 else f"{mean:.4f} ± {std:.4f}")
-        cells["meets target"] = row["meets_target"]
-        table.append(cells)
+    table = [{"arm": row["arm"], "n": row["n"]} | _spread_cells(row) for row in rows]
     return to_markdown(table, lambda key, value: str(value))
 
 
@@ -149,9 +203,17 @@ def arms_markdown(rows: list[dict]) -> str:
 def best_config_yaml(spec: SearchSpec, row: dict) -> str:
     config = spec.trainer_config(row["_params"], for_trial=False)
     searched = {k: row["_params"][k] for k in row["_params"]}
-    header = (f"# Best trial {row['trial']} of search '{spec.name}' (score {row['score']:.4f}, "
-              f"validation accuracy {row['accuracy']:.4f}, meets target: {bool(row['meets_target'])}).\n"
-              f"# Searched values: {searched}\n"
+    if "score_mean" in row:  # a configuration of a search with seeds, not one trial
+        judged = (f"# Best configuration {row[CONFIG_COLUMN]} of search '{spec.name}' over seeds "
+                  f"{spec.file.seeds} (mean score {row['score_mean']:.4f}, mean validation accuracy "
+                  f"{row['accuracy_mean']:.4f}, meets target on every seed: "
+                  f"{row['meets_target_on_every_seed']}, {row['meets_target']}).\n"
+                  f"# Its seed is the base config's; train each with seed=N.\n")
+    else:
+        judged = (f"# Best trial {row['trial']} of search '{spec.name}' (score {row['score']:.4f}, "
+                  f"validation accuracy {row['accuracy']:.4f}, meets target: "
+                  f"{bool(row['meets_target'])}).\n")
+    header = (judged + f"# Searched values: {searched}\n"
               f"# Train it with: daae train --config {BEST_CONFIG}\n")
     return header + yaml.safe_dump(to_dict(config), sort_keys=False)
 
@@ -213,10 +275,16 @@ def write_outputs(spec: SearchSpec, grid) -> tuple[dict[str, str], list[dict]]:
         files[ARMS_CSV] = to_csv(arms)
         files[ARMS_MD] = arms_markdown(arms)
     best: Optional[dict] = next((r for r in rows if r["status"] == "finished"), None)
+    if spec.file.seeds:
+        configs = config_rows(spec, rows)
+        files[CONFIGS_CSV] = to_csv([_visible(r) for r in configs])
+        files[CONFIGS_MD] = configs_markdown(spec, configs)
+        best = next((r for r in configs if r["_complete"]), None)
     if best is not None:
         files[BEST_CONFIG] = best_config_yaml(spec, best)
     else:
-        log.warning("no trial finished, so there is no best configuration")
+        log.warning("no %s, so there is no best configuration",
+                    "configuration finished on every seed" if spec.file.seeds else "trial finished")
     paths = {}
     for name, text in files.items():
         write_text(f"{base}/{name}", text)
@@ -226,7 +294,8 @@ def write_outputs(spec: SearchSpec, grid) -> tuple[dict[str, str], list[dict]]:
             write_hparams(spec, row)
         except (OSError, TypeError, ValueError) as exc:  # a summary is not worth failing a finished search
             log.warning("no hparams summary for %s: %s", row["trial"], exc)
-    if best is not None and not best["meets_target"]:
-        log.warning("no finished trial meets the decorrelation target (tolerance %.3f); the best "
-                    "configuration is the one nearest to it", spec.file.target.tolerance)
+    if best is not None and not best.get("meets_target_on_every_seed", best["meets_target"]):
+        log.warning("no %s meets the decorrelation target (tolerance %.3f); the best configuration "
+                    "is the one nearest to it", "configuration on every seed" if spec.file.seeds
+                    else "finished trial", spec.file.target.tolerance)
     return paths, rows

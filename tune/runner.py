@@ -16,7 +16,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from .space import SearchError
-from .spec import ARM_KEY, SEARCH_FILE, SearchSpec, parse_search
+from .spec import ARM_KEY, SAMPLE_KEY, SEARCH_FILE, SEED_KEY, SearchSpec, parse_search
 from .storage import exists, is_remote, read_text, write_text
 from .trial import TrialSetup, run_trial, trial_dirname
 
@@ -119,15 +119,22 @@ def build_trainable(spec: SearchSpec, experiment_dir: Optional[str]):
 
 
 def param_space(spec: SearchSpec) -> dict:
-    space = {key: dist.to_tune() for key, dist in spec.space.items()}
+    if spec.file.seeds:
+        # Drawn here, once, and crossed with the seeds as a grid: Tune would
+        # draw afresh for every seed of a grid over seeds alone.
+        samples = [{"index": i, "values": values} for i, values in enumerate(spec.sampled_configs())]
+        space = {SAMPLE_KEY: tune.grid_search(samples), SEED_KEY: tune.grid_search(list(spec.file.seeds))}
+    else:
+        space = {key: dist.to_tune() for key, dist in spec.space.items()}
     if spec.arms:
         space[ARM_KEY] = tune.grid_search(list(spec.arms))
     return space
 
 
 def expected_trials(spec: SearchSpec) -> int:
-    """Tune's count: every grid point (arms included) times num_samples."""
-    count = spec.file.num_samples * max(len(spec.arms), 1)
+    """Tune's count: every grid point (arms included) times num_samples, and
+    with ``seeds`` that times the number of seeds."""
+    count = spec.file.num_samples * max(len(spec.arms), 1) * len(spec.file.seeds or [0])
     for dist in spec.space.values():
         if dist.kind == "grid":
             count *= len(dist.args)
@@ -152,7 +159,7 @@ def build_tuner(spec: SearchSpec):
         callbacks.append(InterruptAfter(f.fault_injection.interrupt_after_trials,
                                         spec.experiment_path))
     tune_config = tune.TuneConfig(
-        metric="score", mode="max", num_samples=f.num_samples, scheduler=scheduler,
+        metric="score", mode="max", num_samples=1 if f.seeds else f.num_samples, scheduler=scheduler,
         # Tune ignores max_concurrent_trials with a search algorithm instance.
         search_alg=BasicVariantGenerator(random_state=f.seed,
                                          max_concurrent=f.max_concurrent_trials or 0),

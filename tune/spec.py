@@ -11,6 +11,7 @@ dataclasses' below: no arms, one sample, no scheduler, no retries):
       off: {loss.decorrelation: 0.0}
     num_samples: 8                # random samples; grids multiply (Ray Tune semantics)
     seed: 0                       # of the random sampler
+    seeds: [0, 1, 2]              # optional: train every sampled config once per trainer seed
     metric: accuracy              # validation metric the objective ranks on
     mode: max
     target: {tolerance: 0.05, metrics: [adversary_accuracy, probe_accuracy], chance: null}
@@ -38,12 +39,15 @@ from daae.config import Config, from_dict, to_dict
 from daae.schema import ConfigError, parse_override, read_yaml, set_dotted
 
 from .objective import Objective, Target
-from .space import KINDS, Distribution, SearchError
+from .space import KINDS, Distribution, SearchError, plain
 from .typed import build, command_line_value
 
 # The trial owns these: where it writes, and that it never looks at test data.
 RESERVED_KEYS = ("eval.final_test", "run.dir", "run.name", "run.progress_bar")
 ARM_KEY = "arm"
+# With `seeds`: the sampled configuration a trial trains ({"index": i, "values": {...}}).
+SAMPLE_KEY = "sample"
+SEED_KEY = "seed"
 SEARCH_FILE = "search.yaml"
 
 
@@ -89,6 +93,9 @@ class SearchFile:
     arms: Any = None
     num_samples: int = 1
     seed: Optional[int] = None
+    # Trainer seeds (labelled subsets) each sampled configuration is trained
+    # with, so a configuration is ranked on all of them rather than on one draw.
+    seeds: Optional[list[int]] = None
     metric: str = "accuracy"
     mode: str = "max"
     target: Target = field(default_factory=Target)
@@ -137,6 +144,20 @@ class SearchSpec:
             set_dotted(values, "run.progress_bar", False)
         return from_dict(values)
 
+    def sampled_configs(self) -> list[dict]:
+        """With ``seeds``: the search's configurations, drawn up front in the
+        driver so that every seed of one trains the same values. Tune's own
+        variant generator draws them, with its semantics: ``num_samples`` draws,
+        each crossed with every grid point (each grid point with its own draw)."""
+        import numpy as np
+        from ray.tune.search.variant_generator import generate_variants
+
+        domains = {key: dist.to_tune() for key, dist in self.space.items()}
+        random_state = np.random.RandomState(self.file.seed)
+        return [{path[0]: plain(value) for path, value in resolved.items()}
+                for _ in range(self.file.num_samples)
+                for resolved, _ in generate_variants(domains, random_state=random_state)]
+
     def asha_max_t(self) -> Optional[int]:
         """ASHA's last rung: ``scheduler.max_t``, else the base's ``train.max_steps``
         (which validation keeps out of ``space`` and ``arms`` in that case)."""
@@ -150,6 +171,17 @@ class SearchSpec:
                     space={k: d.to_yaml() for k, d in self.space.items()}, arms=self.arms or None)
         header = f"# resolved from {self.source}\n" if self.source else ""
         return header + yaml.safe_dump(data, sort_keys=False)
+
+
+def trial_params(config: dict) -> tuple[dict, Optional[int]]:
+    """A trial's Tune config as the trainer keys it sets (its arm and, with
+    ``seeds``, its seed included), and the index of its sampled configuration
+    (None without ``seeds``)."""
+    params = {key: plain(value) for key, value in config.items() if key != SAMPLE_KEY}
+    sample = config.get(SAMPLE_KEY)
+    if sample is None:
+        return params, None
+    return {**{k: plain(v) for k, v in sample["values"].items()}, **params}, int(sample["index"])
 
 
 # ------------------------------------------------------------------------- parsing

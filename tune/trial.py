@@ -19,8 +19,7 @@ from daae.checkpoint import checkpoint_path
 from daae.config import Config
 
 from .objective import Objective
-from .space import plain
-from .spec import ARM_KEY, SearchSpec
+from .spec import ARM_KEY, SEED_KEY, SearchSpec, trial_params
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +27,16 @@ STEP_FILE = "tune_step.json"  # beside last.pt, so a restored checkpoint says it
 CRASH_MARKER = ".fault_injection_crashed"
 
 
-def trial_dirname(trial_id: str, params: dict) -> str:
+def trial_dirname(trial_id: str, config: dict) -> str:
     """The trial's folder name, also TensorBoard's run name: short, and
-    computable inside the trial from its id and params alone."""
-    arm = params.get(ARM_KEY)
-    return f"{trial_id}-{arm}" if arm else str(trial_id)
+    computable inside the trial from its id and Tune config alone."""
+    params, sample = trial_params(config)
+    parts = [str(trial_id)]
+    if params.get(ARM_KEY):
+        parts.append(str(params[ARM_KEY]))
+    if sample is not None:
+        parts.append(f"c{sample}-seed{params[SEED_KEY]}")
+    return "-".join(parts)
 
 
 @dataclass
@@ -44,10 +48,10 @@ class TrialSetup:
     # per-trial working directory, which Tune syncs as artifacts.
     experiment_dir: Optional[str]
 
-    def run_dir(self, trial_id: str, params: dict) -> Path:
+    def run_dir(self, trial_id: str, config: dict) -> Path:
         if self.experiment_dir is None:
             return Path.cwd()
-        return Path(self.experiment_dir) / trial_dirname(trial_id, params)
+        return Path(self.experiment_dir) / trial_dirname(trial_id, config)
 
 
 class Reporter:
@@ -160,9 +164,8 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
 
     from daae.train import Hooks, train
 
-    params = {k: plain(v) for k, v in params.items()}
     spec = setup.spec
-    config = spec.trainer_config(params)
+    config = spec.trainer_config(trial_params(params)[0])
     run_dir = setup.run_dir(ray.tune.get_context().get_trial_id(), params)
     run_dir.mkdir(parents=True, exist_ok=True)
     resumed_from = restore_checkpoint(run_dir)

@@ -6,7 +6,7 @@ from daae.schema import ConfigError
 
 from .objective import FINAL_ONLY_METRICS, TARGETABLE_METRICS, VALIDATION_METRICS, WHITENED_METRICS
 from .space import SearchError
-from .spec import ARM_KEY, RESERVED_KEYS, Resources, SearchSpec
+from .spec import ARM_KEY, RESERVED_KEYS, SEED_KEY, Resources, SearchSpec
 
 
 def _check_trainer_values(spec: SearchSpec) -> None:
@@ -64,9 +64,31 @@ def validate(spec: SearchSpec) -> None:
         raise SearchError("max_concurrent_trials: must be at least 1, or null")
     if ARM_KEY in spec.space:
         raise SearchError(f"space: '{ARM_KEY}' is reserved for the arms mapping")
+    if f.seeds is not None:
+        _check_seeds(spec)
     _check_resources(f.resources)
     _check_trainer_values(spec)
     _check_schedule(spec)
+
+
+def _check_seeds(spec: SearchSpec) -> None:
+    seeds = spec.file.seeds
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SearchError(f"seeds: expected a list of distinct trainer seeds, got {seeds!r}")
+    # Each trial's seed comes from `seeds`; another would be overwritten unseen.
+    setting = [where for where, keys in [("space", spec.space), ("overrides", spec.file.overrides), *(
+        (f"arms '{name}'", arm) for name, arm in (spec.arms or {}).items())] if SEED_KEY in keys]
+    if setting:
+        raise SearchError(f"seeds: {' and '.join(setting)} also set{'s' if len(setting) == 1 else ''} "
+                          f"'{SEED_KEY}'; list the trainer seeds under seeds only")
+    if spec.file.scheduler.kind != "none":
+        raise SearchError("seeds: a configuration is ranked on all its seeds at their last step, and "
+                          "ASHA would stop them one by one; set scheduler.kind: none, or drop seeds")
+    for seed in seeds:
+        try:
+            spec.trainer_config({SEED_KEY: seed})
+        except ConfigError as exc:
+            raise SearchError(f"seeds: {seed!r}: {exc}") from None
 
 
 def _check_resources(r: Resources) -> None:
