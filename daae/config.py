@@ -192,9 +192,15 @@ class LossConfig:
     independence: float = 0.0
 
 
-# What eval.class_whitened_probes adds to the metrics: summary columns and
-# search metrics name them from here.
-CLASS_WHITENED_METRICS = ("class_whitened_probe_accuracy", "class_whitened_linear_probe_accuracy")
+# What eval.class_whitened_probes and eval.class_gaussianized_probes add to
+# the metrics, by map (daae.whitening.CLASS_MAPS): summary columns and search
+# metrics name them from here.
+CLASS_MAP_METRICS = {name: (f"class_{name}_probe_accuracy", f"class_{name}_linear_probe_accuracy")
+                     for name in ("whitened", "gaussianized")}
+CLASS_WHITENED_METRICS = CLASS_MAP_METRICS["whitened"]
+CLASS_MAPPED_METRICS = tuple(metric for pair in CLASS_MAP_METRICS.values() for metric in pair)
+# The key that turns each map's pair on.
+CLASS_MAP_KEYS = {name: f"eval.class_{name}_probes" for name in CLASS_MAP_METRICS}
 
 
 @dataclass
@@ -223,9 +229,19 @@ class EvalConfig:
     # class_whitened_linear_probe_accuracy, wherever the probes run. Doubles
     # the probes' time.
     class_whitened_probes: bool = False
+    # The same with the map of `daae eval --class-gaussianized` (whitened, then
+    # each class's shape made normal; needs 256 of the probes' codes predicted
+    # in every class): class_gaussianized_probe_accuracy and
+    # class_gaussianized_linear_probe_accuracy. Another probe fit too.
+    class_gaussianized_probes: bool = False
     # Report test metrics in metrics.json at the end (never used for selection).
     final_test: bool = True
     batch_size: int = 1000
+
+    def class_maps(self) -> list[str]:
+        """The maps (keys of CLASS_MAP_METRICS) whose probe pairs run."""
+        return [name for name, on in (("whitened", self.class_whitened_probes),
+                                      ("gaussianized", self.class_gaussianized_probes)) if on]
 
 
 @dataclass

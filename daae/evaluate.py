@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from .config import ConfigError, EvalConfig
+from .config import CLASS_MAP_KEYS, CLASS_MAPPED_METRICS, ConfigError, EvalConfig
 from .data import ImageSet, to_float
 from .models import Critic, Networks
-from .whitening import ClassWhitening, WhiteningError
+from .whitening import CLASS_MAPS, ClassMap, WhiteningError
 
 
 @dataclass
@@ -128,21 +128,23 @@ class Probes:
 
 @dataclass
 class ProbeSet:
-    """The probes on the raw codes and, with ``eval.class_whitened_probes``,
-    a second pair on the same codes whitened within their predicted class
-    (``daae.whitening``, fitted on those training codes), or the reason the
-    whitening could not be fitted."""
+    """The probes on the raw codes and, for each map of ``eval.class_maps()``
+    (``eval.class_whitened_probes``, ``eval.class_gaussianized_probes``), a
+    second pair on the same codes mapped within their predicted class
+    (``daae.whitening.CLASS_MAPS``, fitted on those training codes), or the
+    reason the map could not be fitted (``map_errors``)."""
     raw: Probes
-    whitening: ClassWhitening | None = None
-    whitened: Probes | None = None
-    whitening_error: str | None = None
+    mapped: dict[str, tuple[ClassMap, Probes]] = field(default_factory=dict)
+    map_errors: dict[str, str] = field(default_factory=dict)
 
     def accuracies(self, encoded: Encoded, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
         metrics = self.raw.accuracies(encoded.z, labels, num_classes)
-        if self.whitened is not None:
-            whitened_z = self.whitening.whiten(encoded.z, encoded.logits_y.argmax(1))
-            metrics.update({f"class_whitened_{name}": value for name, value in
-                            self.whitened.accuracies(whitened_z, labels, num_classes).items()})
+        predicted = encoded.logits_y.argmax(1)
+        for name, (class_map, probes) in self.mapped.items():
+            # Gaussianized codes come in float64; the probes are float32.
+            mapped_z = class_map.whiten(encoded.z, predicted).float()
+            metrics.update({f"class_{name}_{metric}": value for metric, value in
+                            probes.accuracies(mapped_z, labels, num_classes).items()})
         return metrics
 
 
@@ -178,31 +180,32 @@ def probe_accuracies(train_z: torch.Tensor, train_labels: torch.Tensor, eval_z: 
 def fit_probes(nets: Networks, probe_train: ImageSet, config: EvalConfig, num_classes: int,
                device, seed: int, strict: bool = False) -> ProbeSet:
     """The post-hoc probes on the codes of ``config.probe_train_size`` images of
-    ``probe_train``, drawn with ``seed``; with ``config.class_whitened_probes``
-    also the pair on those codes whitened within their predicted class. A
-    whitening that cannot be fitted raises ``WhiteningError`` with ``strict``,
-    else leaves ``whitening_error`` set and the whitened pair out."""
+    ``probe_train``, drawn with ``seed``; for each map of ``config.class_maps()``
+    also a pair on those codes mapped within their predicted class. A map that
+    cannot be fitted raises ``WhiteningError`` with ``strict``, else is named in
+    ``map_errors`` and its pair left out."""
     subset = probe_train.subset(torch.randperm(
         len(probe_train), generator=torch.Generator().manual_seed(seed))[:config.probe_train_size])
     encoded = encode(nets, subset.images, config.batch_size, device)
     predicted = encoded.logits_y.argmax(1)
-    whitening, whitening_error = None, None
-    if config.class_whitened_probes:
-        # Before the slow probe fits, so that `daae eval` fails fast on it.
+    class_maps, map_errors = {}, {}
+    # Before the slow probe fits, so that `daae eval` fails fast on them.
+    for name in config.class_maps():
         try:
-            whitening = ClassWhitening.fit(encoded.z, predicted, num_classes).to(device)
+            class_maps[name] = CLASS_MAPS[name].fit(encoded.z, predicted, num_classes).to(device)
         except WhiteningError as exc:
             if strict:
-                raise
+                key = CLASS_MAP_KEYS[name]
+                raise WhiteningError(f"{key}: {exc}; or set {key}=false") from None
             # Early in training a class can be predicted too rarely; that
-            # evaluation then lacks the whitened figures rather than ending the run.
-            whitening_error = str(exc)
+            # evaluation then lacks the pair rather than ending the run.
+            map_errors[name] = str(exc)
     labels = subset.labels.to(device)
     probes = ProbeSet(fit_probes_on_codes(encoded.z, labels, num_classes, config, seed),
-                      whitening=whitening, whitening_error=whitening_error)
-    if whitening is not None:
-        probes.whitened = fit_probes_on_codes(whitening.whiten(encoded.z, predicted), labels,
-                                              num_classes, config, seed)
+                      map_errors=map_errors)
+    for name, class_map in class_maps.items():
+        mapped_z = class_map.whiten(encoded.z, predicted).float()
+        probes.mapped[name] = (class_map, fit_probes_on_codes(mapped_z, labels, num_classes, config, seed))
     return probes
 
 
@@ -250,9 +253,7 @@ def tensorboard_tags(split_name: str, metrics: dict[str, float]) -> dict[str, fl
               "adversary_floor": f"decorrelation/{split_name}/adversary_floor",
               "probe_accuracy": f"decorrelation/{split_name}/probe_accuracy",
               "linear_probe_accuracy": f"decorrelation/{split_name}/linear_probe_accuracy",
-              "class_whitened_probe_accuracy": f"decorrelation/{split_name}/class_whitened_probe_accuracy",
-              "class_whitened_linear_probe_accuracy":
-                  f"decorrelation/{split_name}/class_whitened_linear_probe_accuracy",
+              **{metric: f"decorrelation/{split_name}/{metric}" for metric in CLASS_MAPPED_METRICS},
               "recon_mse": f"recon/{split_name}/mse",
               "z_mean": f"z/{split_name}/mean",
               "z_std": f"z/{split_name}/std",
@@ -282,15 +283,11 @@ def evaluate_run(run_dir, split: str = "test", overrides: list[str] = (), device
     eval_config = run.config.eval
     if class_map is not None:
         whiten_networks(run.nets, train_images, eval_config.batch_size, device, class_map)
-        # Every probe then reads mapped codes already: a second, whitened pair
-        # would whiten them again, to (nearly) the same figures.
-        eval_config = replace(eval_config, class_whitened_probes=False)
-    try:
-        probes = fit_probes(run.nets, train_images, eval_config, data.num_classes, device,
-                            run.config.seed, strict=True)
-    except WhiteningError as exc:
-        raise WhiteningError(f"eval.class_whitened_probes: {exc}; or pass "
-                             f"eval.class_whitened_probes=false to daae eval") from None
+        # Every probe then reads mapped codes already: a mapped pair would map
+        # them again.
+        eval_config = replace(eval_config, class_whitened_probes=False, class_gaussianized_probes=False)
+    probes = fit_probes(run.nets, train_images, eval_config, data.num_classes, device,
+                        run.config.seed, strict=True)
     metrics = evaluate(run.nets, target, data.labelled, eval_config, data.num_classes, device, probes)
     if class_map is not None:
         del metrics["adversary_accuracy"]

@@ -23,14 +23,15 @@ from typing import Callable
 
 import yaml
 
-from .config import CLASS_WHITENED_METRICS, ConfigError
+from .config import CLASS_MAPPED_METRICS, ConfigError
 from .runs import METRICS_FILE, RESUMES_FILE
 
 # Metrics that runs written before they existed lack (or hold as null): their column reads "–".
-OPTIONAL = {"adversary_floor", "run_train_seconds", *CLASS_WHITENED_METRICS}
+OPTIONAL = {"adversary_floor", "run_train_seconds", *CLASS_MAPPED_METRICS}
 # Columns of the Markdown tables left out when no run has them (only with
-# eval.class_whitened_probes=true), "–" when some runs lack them; the JSON keeps them.
-SHOWN_WHEN_REPORTED = set(CLASS_WHITENED_METRICS)
+# eval.class_whitened_probes or eval.class_gaussianized_probes), "–" when some
+# runs lack them; the JSON keeps them.
+SHOWN_WHEN_REPORTED = set(CLASS_MAPPED_METRICS)
 # (column, split, metric, scale, decimals); scale "error" reports 100 - 100 * accuracy;
 # decimals None: whole numbers when every value is one, else one decimal.
 COLUMNS = (
@@ -41,6 +42,8 @@ COLUMNS = (
     ("linear probe %", "test", "linear_probe_accuracy", 100.0, 2),
     ("class-whitened probe %", "test", "class_whitened_probe_accuracy", 100.0, 2),
     ("class-whitened linear probe %", "test", "class_whitened_linear_probe_accuracy", 100.0, 2),
+    ("class-Gaussianized probe %", "test", "class_gaussianized_probe_accuracy", 100.0, 2),
+    ("class-Gaussianized linear probe %", "test", "class_gaussianized_linear_probe_accuracy", 100.0, 2),
     ("recon mse", "test", "recon_mse", 1.0, 4),
     ("validation accuracy %", "validation", "accuracy", 100.0, 2),
     ("epochs", None, "epoch", 1.0, None),
@@ -145,6 +148,8 @@ VALIDATION_COLUMNS = (
     ("validation linear probe %", "linear_probe_accuracy", False),
     ("validation class-whitened MLP probe %", "class_whitened_probe_accuracy", False),
     ("validation class-whitened linear probe %", "class_whitened_linear_probe_accuracy", False),
+    ("validation class-Gaussianized MLP probe %", "class_gaussianized_probe_accuracy", False),
+    ("validation class-Gaussianized linear probe %", "class_gaussianized_linear_probe_accuracy", False),
 )
 
 

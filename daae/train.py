@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from . import checkpoint
-from .config import Config, ConfigError, save_config, to_dict
+from .config import CLASS_MAP_KEYS, Config, ConfigError, save_config, to_dict
 from .data import load_data, to_float
 from .evaluate import evaluate, fit_probes, tensorboard_tags
 from .graphed import make_iteration
@@ -162,10 +162,9 @@ def _restore(state: dict, changes: dict, nets, optimizers, generator, accelerato
 
 # --------------------------------------------------------------------------- train
 
-def _warn_unwhitened(probes, step: int) -> None:
-    if probes is not None and probes.whitening_error:
-        log.warning("step %d: no class-whitened probes (eval.class_whitened_probes): %s",
-                    step, probes.whitening_error)
+def _warn_unmapped(probes, step: int) -> None:
+    for name, error in (probes.map_errors if probes is not None else {}).items():
+        log.warning("step %d: no class-%s probes (%s): %s", step, name, CLASS_MAP_KEYS[name], error)
 
 
 def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Path | None = None,
@@ -265,7 +264,7 @@ def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, data, set
                       if config.eval.probes_during_training else None)
             metrics = evaluate(nets, data.validation, data.labelled, periodic, data.num_classes,
                                device, probes)
-            _warn_unwhitened(probes, step)
+            _warn_unmapped(probes, step)
             for tag, value in tensorboard_tags("val", metrics).items():
                 writer.add_scalar(tag, value, step)
             write_grids()
@@ -345,9 +344,9 @@ def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, data, set
         # One fit scored on both splits: it would be the same fit each time.
         probes = fit_probes(nets, data.train_images(), config.eval, data.num_classes, device,
                             config.seed)
-        _warn_unwhitened(probes, step)
-        if probes.whitening_error:  # why metrics.json lacks the whitened pair
-            result["class_whitened_error"] = probes.whitening_error
+        _warn_unmapped(probes, step)
+        for name, error in probes.map_errors.items():  # why metrics.json lacks that pair
+            result[f"class_{name}_error"] = error
         result["validation"] = evaluate(nets, data.validation, data.labelled, config.eval,
                                         data.num_classes, device, probes)
         if config.eval.final_test:

@@ -229,6 +229,7 @@ class WhitenedDecoder(nn.Module):
 
 
 CLASS_MAPS = {"whitened": ClassWhitening, "gaussianized": ClassGaussianization}
+ClassMap = ClassWhitening | ClassGaussianization
 
 
 def whiten_networks(nets: Networks, images: ImageSet, batch_size: int, device,

@@ -151,6 +151,11 @@ def test_nothing_in_a_config_string_is_evaluated(tmp_path):
      "'eval.class_whitened_probes' cannot be searched: .* set it under overrides"),
     ({"target": {"metrics": ["class_whitened_probe_accuracy"]}},
      "target.metrics: 'class_whitened_probe_accuracy' .* overrides.eval.class_whitened_probes=true"),
+    ({"target": {"metrics": ["class_gaussianized_probe_accuracy"]},
+      "overrides": {"eval.class_whitened_probes": True}},
+     "target.metrics: 'class_gaussianized_probe_accuracy' .* overrides.eval.class_gaussianized_probes=true"),
+    ({"space": {"eval.class_gaussianized_probes": {"choice": [True, False]}}},
+     "'eval.class_gaussianized_probes' cannot be searched"),
     ({"metric": "class_whitened_linear_probe_accuracy",
       "overrides": {"eval.probes_during_training": True}}, "metric: .*class_whitened_probes=true"),
     ({"mode": "maximum"}, "mode"),
@@ -285,6 +290,20 @@ def test_class_whitened_probes_can_be_targeted_and_show_in_the_trial_table_only_
     ranked = Objective(metric="class_whitened_probe_accuracy", mode="min")
     assert ranked.assess({**ten_classes, "probe_accuracy": 0.1})["score"] < ranked.assess(
         {**ten_classes, "probe_accuracy": 0.1, "class_whitened_probe_accuracy": 0.9})["score"]
+
+
+def test_class_gaussianized_probes_can_be_targeted_and_are_missed_where_the_map_failed():
+    values = smoke_values(target={"tolerance": 0.02, "metrics": ["class_gaussianized_probe_accuracy"]})
+    values["overrides"] = {**values.get("overrides", {}), "eval.class_gaussianized_probes": True}
+    objective = parse(values).objective
+    ten_classes = {"y_marginal_entropy_max": 2.302585092994046, "accuracy": 0.9, "probe_accuracy": 0.15}
+    assert objective.assess({**ten_classes, "class_gaussianized_probe_accuracy": 0.113})["meets_target"]
+    missed = objective.assess(ten_classes)  # the probes ran, the Gaussianization could not be fitted
+    assert not missed["meets_target"] and missed["target_distance"] == 1.0
+    row = collect(SimpleNamespace(arms=None, space={}), [SimpleNamespace(
+        path="/exp/a", config={}, error=None,
+        metrics={"step": 10, "score": 0.9, "final": True, "class_gaussianized_probe_accuracy": 0.11})])[0]
+    assert row["class_gaussianized_probe_accuracy"] == 0.11 and "class_whitened_probe_accuracy" not in row
 
 
 def test_arm_tables_show_the_class_whitened_probes_only_when_trials_report_them():

@@ -185,7 +185,7 @@ def test_without_every_class_predicted_the_whitened_probes_are_left_out_and_name
     with torch.no_grad():
         nets.encoder.y_head.bias[7] = 1e3  # q(y|x) answers 7 for every image
     probes = fit_probes(nets, data.train_images(), config.eval, data.num_classes, "cpu", config.seed)
-    assert "class 0 is predicted for 0 of" in probes.whitening_error
+    assert "class 0 is predicted for 0 of" in probes.map_errors["whitened"]
     metrics = evaluate(nets, data.validation, data.labelled, config.eval, data.num_classes, "cpu", probes)
     assert "probe_accuracy" in metrics and "class_whitened_probe_accuracy" not in metrics
 
@@ -205,5 +205,42 @@ def test_too_few_codes_to_whiten_leave_training_without_the_pair_and_stop_daae_e
     fitted = []
     monkeypatch.setattr(daae.evaluate, "fit_probes_on_codes", lambda *a, **k: fitted.append(1))
     assert main(["eval", "--checkpoint", str(tmp_path / "r"), "--json"]) == 2
-    assert "pass eval.class_whitened_probes=false to daae eval" in caplog.text
+    assert "or set eval.class_whitened_probes=false" in caplog.text
     assert not fitted
+
+
+def test_training_reports_class_gaussianized_probes_as_daae_eval_reads_them(tmp_path, capsys):
+    # Enough images for 256 codes of every predicted class, all in the probes' fit.
+    assert main(["train", "--config", str(SMOKE), f"run.dir={tmp_path}", "run.name=r",
+                 "train.max_steps=40", "run.progress_bar=false", "eval.probe_epochs=1",
+                 "data.synthetic_train_size=20000", "eval.probe_train_size=100000",
+                 "eval.class_whitened_probes=true", "eval.class_gaussianized_probes=true"]) == 0
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    for split in ("validation", "test"):
+        for key in ("class_whitened_probe_accuracy", "class_gaussianized_probe_accuracy",
+                    "class_gaussianized_linear_probe_accuracy"):
+            assert 0.0 <= metrics[split][key] <= 1.0, (split, key)
+    gaussianized = evaluate_run(tmp_path / "r", "test", generation=False, class_map="gaussianized")
+    # The same map and probes as the post-hoc route, up to float sums.
+    for key in ("probe_accuracy", "linear_probe_accuracy"):
+        assert metrics["test"][f"class_gaussianized_{key}"] == pytest.approx(gaussianized[key], abs=0.01), key
+    assert not any(key.startswith("class_") and key.endswith("_accuracy") for key in gaussianized)
+    capsys.readouterr()
+    assert main(["summary", str(tmp_path / "r")]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "| class-Gaussianized probe % |" in header and "| class-whitened probe % |" in header
+
+
+def test_too_few_codes_to_gaussianize_leave_the_pair_out_and_stop_a_strict_fit(tmp_path):
+    config = tiny_config(tmp_path, "eval.probe_epochs=1", "eval.probe_train_size=500",
+                         "eval.class_gaussianized_probes=true")
+    data = load_data(config.data, config.seed)
+    nets = build_networks(config, data.image_shape, data.num_classes)
+    probes = fit_probes(nets, data.train_images(), config.eval, data.num_classes, "cpu", config.seed)
+    assert "too few to fit its quantiles (needs 256)" in probes.map_errors["gaussianized"]
+    metrics = evaluate(nets, data.validation, data.labelled, config.eval, data.num_classes, "cpu", probes)
+    assert "probe_accuracy" in metrics and not any(key.startswith("class_") for key in metrics)
+    with pytest.raises(WhiteningError, match="eval.class_gaussianized_probes: class .* or set "
+                                             "eval.class_gaussianized_probes=false"):
+        fit_probes(nets, data.train_images(), config.eval, data.num_classes, "cpu", config.seed,
+                   strict=True)

@@ -6,20 +6,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from daae.config import CLASS_WHITENED_METRICS
+from daae.config import CLASS_MAPPED_METRICS
 
 # What train() reports for the validation split (daae.evaluate.evaluate).
-# The class-whitened probes only with eval.class_whitened_probes=true.
-WHITENED_METRICS = CLASS_WHITENED_METRICS
+# The class-whitened and class-Gaussianized probes only with
+# eval.class_whitened_probes=true and eval.class_gaussianized_probes=true.
+MAPPED_METRICS = CLASS_MAPPED_METRICS
 VALIDATION_METRICS = ("accuracy", "adversary_accuracy", "probe_accuracy",
-                      "linear_probe_accuracy", *WHITENED_METRICS, "recon_mse", "z_mean", "z_std",
+                      "linear_probe_accuracy", *MAPPED_METRICS, "recon_mse", "z_mean", "z_std",
                       "y_marginal_entropy", "labelled_accuracy", "cluster_accuracy")
 # The probes are trained only in the final evaluation unless
 # eval.probes_during_training=true, so intermediate reports lack them.
-FINAL_ONLY_METRICS = ("probe_accuracy", "linear_probe_accuracy", *WHITENED_METRICS)
+FINAL_ONLY_METRICS = ("probe_accuracy", "linear_probe_accuracy", *MAPPED_METRICS)
 # Classifier accuracies that have a chance level to aim for.
 TARGETABLE_METRICS = ("adversary_accuracy", "probe_accuracy", "linear_probe_accuracy",
-                      *WHITENED_METRICS)
+                      *MAPPED_METRICS)
 # What a trial adds to each report.
 TUNE_METRICS = ("score", "meets_target", "target_distance", "step", "final", "resumed_from_step")
 
@@ -54,8 +55,8 @@ class Objective:
         [0, 1], and the nearer the target, the higher among the infeasible.
         Only target metrics present count, so an intermediate report (no
         probes yet) is judged on the adversary alone. The class-whitened
-        probes are the exception: absent where the probes ran, the whitening
-        could not be fitted (a class predicted too rarely), which misses the
+        and class-Gaussianized probes are the exception: absent where the
+        probes ran, their map could not be fitted (a class predicted too rarely), which misses the
         target by 1 each, and ranked on, scores as the worst value and misses by 1.
         """
         chance = self.chance(metrics)
@@ -63,7 +64,7 @@ class Objective:
         distance = sum(max(0.0, abs(metrics[name] - chance) - self.target.tolerance)
                        if name in metrics else 1.0
                        for name in self.target.metrics
-                       if name in metrics or (probes_ran and name in WHITENED_METRICS))
+                       if name in metrics or (probes_ran and name in MAPPED_METRICS))
         if self.metric in metrics:
             value = metrics[self.metric] if self.mode == "max" else -metrics[self.metric]
         else:

@@ -17,7 +17,7 @@ from daae.config import to_dict
 from daae.evaluate import tensorboard_tags
 from daae.summary import markdown_table, mean_std
 
-from .objective import WHITENED_METRICS
+from .objective import MAPPED_METRICS
 from .spec import ARM_KEY, SEED_KEY, SearchSpec, trial_params
 from .storage import is_remote, write_text
 
@@ -30,13 +30,13 @@ CONFIGS_CSV, CONFIGS_MD = "configs.csv", "configs.md"
 CONFIG_COLUMN = "config"
 BEST_CONFIG = "best_config.yaml"
 METRIC_COLUMNS = ("score", "meets_target", "target_distance", "accuracy", "adversary_accuracy",
-                  "adversary_floor", "probe_accuracy", "linear_probe_accuracy", *WHITENED_METRICS,
+                  "adversary_floor", "probe_accuracy", "linear_probe_accuracy", *MAPPED_METRICS,
                   "labelled_accuracy", "cluster_accuracy", "recon_mse", "z_mean", "z_std",
                   "y_marginal_entropy", "step")
 ARM_METRICS = ("accuracy", "adversary_accuracy", "adversary_floor", "probe_accuracy",
-               "linear_probe_accuracy", *WHITENED_METRICS, "recon_mse")
+               "linear_probe_accuracy", *MAPPED_METRICS, "recon_mse")
 PERCENT = ("accuracy", "adversary_accuracy", "adversary_floor", "probe_accuracy",
-           "linear_probe_accuracy", *WHITENED_METRICS, "labelled_accuracy")
+           "linear_probe_accuracy", *MAPPED_METRICS, "labelled_accuracy")
 
 
 def collect(spec: SearchSpec, grid) -> list[dict]:
@@ -73,12 +73,12 @@ def collect(spec: SearchSpec, grid) -> list[dict]:
     rows.sort(key=best_first)
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
-    return _without_unreported(rows, WHITENED_METRICS)
+    return _without_unreported(rows, MAPPED_METRICS)
 
 
 def _without_unreported(rows: list[dict], optional) -> list[dict]:
     """Drops the columns of ``optional`` that no row has a value for: the
-    class-whitened probes exist only in searches that turned them on."""
+    class-mapped probes exist only in searches that turned them on."""
     for key in [k for k in optional if all(row.get(k) is None for row in rows)]:
         for row in rows:
             row.pop(key, None)
@@ -126,7 +126,7 @@ def _aggregate(row: dict, done: list[dict]) -> dict:
 
 
 def _unreported_spreads(rows: list[dict]) -> list[dict]:
-    return _without_unreported(rows, [f"{name}_{part}" for name in WHITENED_METRICS
+    return _without_unreported(rows, [f"{name}_{part}" for name in MAPPED_METRICS
                                       for part in ("mean", "std")])
 
 
@@ -241,7 +241,7 @@ def write_hparams(spec: SearchSpec, row: dict) -> None:
     params = {k: _hparam_value(v) for k, v in row["_params"].items()}
     params["status"] = row["status"]
     measured = {k: row[k] for k in ("accuracy", "adversary_accuracy", "probe_accuracy",
-                                    "linear_probe_accuracy", *WHITENED_METRICS, "recon_mse")
+                                    "linear_probe_accuracy", *MAPPED_METRICS, "recon_mse")
                 if row.get(k) is not None}
     # The trainer's own tags, so the hparams view reads its scalars.
     metric_tags = tensorboard_tags("val", measured)

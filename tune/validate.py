@@ -2,9 +2,10 @@
 trial starts: each names the search-file key to fix."""
 from __future__ import annotations
 
+from daae.config import CLASS_MAP_KEYS, CLASS_MAP_METRICS
 from daae.schema import ConfigError
 
-from .objective import FINAL_ONLY_METRICS, TARGETABLE_METRICS, VALIDATION_METRICS, WHITENED_METRICS
+from .objective import FINAL_ONLY_METRICS, TARGETABLE_METRICS, VALIDATION_METRICS
 from .space import SearchError
 from .spec import ARM_KEY, RESERVED_KEYS, SEED_KEY, Resources, SearchSpec
 
@@ -13,8 +14,8 @@ def _check_trainer_values(spec: SearchSpec) -> None:
     for key in [*spec.space, *(k for arm in spec.arms.values() for k in arm)]:
         if key in RESERVED_KEYS:
             raise SearchError(f"'{key}' cannot be searched: the search sets it for every trial")
-        if key == "eval.class_whitened_probes":
-            # Reporting only, and a trial without it would drop a whitened target silently.
+        if key in CLASS_MAP_KEYS.values():
+            # Reporting only, and a trial without it would drop a mapped target silently.
             raise SearchError(f"'{key}' cannot be searched: it changes what trials report, not how "
                               f"they train; set it under overrides")
     for key, dist in spec.space.items():
@@ -122,9 +123,10 @@ def _check_schedule(spec: SearchSpec) -> None:
                           f"overrides.eval.probes_during_training=true to rank on it")
     # Unreported, a target metric would silently drop out of the target.
     for where, name in [("metric", f.metric)] + [("target.metrics", m) for m in f.target.metrics]:
-        if name in WHITENED_METRICS and not config.eval.class_whitened_probes:
-            raise SearchError(f"{where}: '{name}' is reported only with the class-whitened "
-                              f"probes; set overrides.eval.class_whitened_probes=true")
+        for class_map, metrics in CLASS_MAP_METRICS.items():
+            if name in metrics and class_map not in config.eval.class_maps():
+                raise SearchError(f"{where}: '{name}' is reported only with the class-{class_map} "
+                                  f"probes; set overrides.{CLASS_MAP_KEYS[class_map]}=true")
     if config.train.mixed_precision == "fp16" and f.resources.gpu == 0:
         raise SearchError("train.mixed_precision=fp16 needs a GPU but resources.gpu is 0")
     if s.kind not in ("asha", "none"):
