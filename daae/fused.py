@@ -3,6 +3,8 @@ section 2 from one encoder forward and one pass through each critic, then
 one critic step and one encoder/decoder step."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +39,28 @@ def _loss_scale(ctx: StepContext) -> float:
     return 1.0 if scaler is None else scaler.get_scale()
 
 
+@dataclass
+class _Forward:
+    """The one encoder forward over [x_u; x_l; x_clean; x_clean perturbed], by part."""
+    logits_y: torch.Tensor
+    q: torch.Tensor  # q(y|x) of x_u, one softmax that the critics and the decoder share
+    z: torch.Tensor
+    logits_l: torch.Tensor
+    logits_clean: torch.Tensor
+    z_clean: torch.Tensor
+    logits_perturbed: torch.Tensor
+    training_rows: torch.Tensor  # x_u as that forward saw it, noise included
+
+
+@dataclass
+class _CodeGradients:
+    """What the critics' backward leaves for the encoder: the gradients of its
+    fooling terms at z and q(y|x), and of the decorrelation at C's codes."""
+    z: torch.Tensor
+    q: torch.Tensor
+    decorrelation: torch.Tensor | None
+
+
 def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
                x_u: torch.Tensor, x_l: torch.Tensor, y_l: torch.Tensor, weights,
                x_clean: torch.Tensor | None = None):
@@ -64,18 +88,26 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     adversarial term needs them. The second forward's gradients join the
     same backward, so DDP still reduces each parameter's gradient once.
     """
-    correlation_input = weights.correlation_input
-    decorrelate, objective = weights.decorrelation > 0, weights.decorrelation_objective
-    evaluation_codes = weights.correlation_batch_norm == "evaluation"
     if x_clean is None and reads_clean_images(weights):
         raise ValueError("fused_step: loss.correlation_input=clean or both, loss.consistency > 0 or "
                          "loss.vat > 0 reads the unaltered unlabelled images; pass them as x_clean")
-    # C's codes are not the training codes z themselves: the decorrelation's
-    # gradient reaches the encoder through a surrogate of their own.
-    separate_codes = evaluation_codes or correlation_input != "training"
+    forward = _encode(ctx, x_u, x_l, x_clean, weights)
+    logits_c_input, z_c_input = _correlation_codes(ctx, forward, x_clean, weights)
+    targets = correlation_targets(logits_c_input, weights.correlation_target)
+    losses, gradients = _critic_step(ctx, critic_optimizer, forward, z_c_input, targets, weights)
+    losses |= _autoencoder_step(ctx, autoencoder_optimizer, forward, x_u, y_l, z_c_input, targets,
+                                gradients, weights)
+    return {name: value.detach() for name, value in losses.items()}
+
+
+def _encode(ctx: StepContext, x_u: torch.Tensor, x_l: torch.Tensor, x_clean: torch.Tensor | None,
+            weights) -> _Forward:
+    """The step's one forward through the wrapped encoder (DDP's one per backward)."""
     n, n_l = len(x_u), len(x_l)
+    # With evaluation codes C reads a forward of its own, so the unaltered
+    # images join this one only for the consistency and VAT targets.
     clean_in_forward = x_clean is not None and (
-        weights.consistency > 0 or weights.vat > 0 or not evaluation_codes)
+        weights.consistency > 0 or weights.vat > 0 or weights.correlation_batch_norm != "evaluation")
     n_clean = len(x_clean) if clean_in_forward else 0
     inputs = [ctx.noisy(torch.cat([x_u, x_l]))]
     if clean_in_forward:
@@ -84,30 +116,52 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
         inputs.append(x_clean + virtual_adversarial_perturbation(ctx, x_clean, weights.vat_epsilon))
     with ctx.accelerator.autocast():
         logits_all, z_all = ctx.wrapped["encoder"](torch.cat(inputs))
-    logits_y, z, logits_l = logits_all[:n].float(), z_all[:n].float(), logits_all[n:n + n_l].float()
     clean_rows = slice(n + n_l, n + n_l + n_clean)
-    logits_clean, z_clean = logits_all[clean_rows].float(), z_all[clean_rows].float()
-    logits_perturbed = logits_all[n + n_l + n_clean:].float()
-    q = logits_y.softmax(1)
+    logits_y = logits_all[:n].float()
+    return _Forward(logits_y=logits_y, q=logits_y.softmax(1), z=z_all[:n].float(),
+                    logits_l=logits_all[n:n + n_l].float(),
+                    logits_clean=logits_all[clean_rows].float(), z_clean=z_all[clean_rows].float(),
+                    logits_perturbed=logits_all[n + n_l + n_clean:].float(),
+                    training_rows=inputs[0][:n])
+
+
+def _correlation_codes(ctx: StepContext, forward: _Forward, x_clean: torch.Tensor | None,
+                       weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and codes C, the decorrelation and the independence term read
+    (``loss.correlation_input``): slices of the one forward, or with evaluation
+    codes a second forward of their rows; with ``model.class_whitening`` those
+    rows also move the encoder's per-class statistics."""
+    correlation_input = weights.correlation_input
+    evaluation_codes = weights.correlation_batch_norm == "evaluation"
     rows = None
     if evaluation_codes or ctx.plain.encoder.z_whitening is not None:
-        training_rows = inputs[0][:n]  # the noise the training forward saw
-        rows = (training_rows if correlation_input == "training" else x_clean
-                if correlation_input == "clean" else torch.cat([training_rows, x_clean]))
+        rows = (forward.training_rows if correlation_input == "training" else x_clean
+                if correlation_input == "clean" else torch.cat([forward.training_rows, x_clean]))
     if evaluation_codes:
         encoder = ctx.plain.encoder
         with batch_norm_as(encoder, "evaluation"), ctx.accelerator.autocast():
             logits_c_input, z_c_input = encoder(rows)
         logits_c_input, z_c_input = logits_c_input.float(), z_c_input.float()
     elif correlation_input == "training":
-        logits_c_input, z_c_input = logits_y, z
+        logits_c_input, z_c_input = forward.logits_y, forward.z
     elif correlation_input == "clean":
-        logits_c_input, z_c_input = logits_clean, z_clean
+        logits_c_input, z_c_input = forward.logits_clean, forward.z_clean
     else:
-        logits_c_input, z_c_input = torch.cat([logits_y, logits_clean]), torch.cat([z, z_clean])
-    targets = correlation_targets(logits_c_input, weights.correlation_target)
+        logits_c_input = torch.cat([forward.logits_y, forward.logits_clean])
+        z_c_input = torch.cat([forward.z, forward.z_clean])
     track_class_whitening(ctx, rows, (logits_c_input, z_c_input) if evaluation_codes else None)
+    return logits_c_input, z_c_input
 
+
+def _critic_step(ctx: StepContext, critic_optimizer, forward: _Forward, z_c_input: torch.Tensor,
+                 targets: torch.Tensor, weights) -> tuple[dict, _CodeGradients]:
+    """D_z, D_y and C on leaf copies of the codes: one backward gives their own
+    step and, at the leaves, the gradients the encoder's adversarial and
+    decorrelation terms need. Returns the critics' losses, the fooling losses
+    (for the log; their gradients are in the second value) and those gradients."""
+    decorrelate, objective = weights.decorrelation > 0, weights.decorrelation_objective
+    z, q, logits_y = forward.z, forward.q, forward.logits_y
+    n = len(z)
     z_at_dz, q_at_dy, z_at_c = (code.detach().requires_grad_() for code in (z, q, z_c_input))
     real_z, (real_y, counts_y) = ctx.prior_z(n, z.device), ctx.prior_y(n, z.device)
     with ctx.accelerator.autocast():
@@ -121,6 +175,7 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
     losses = {"discriminator_z": loss_dz, "discriminator_y": loss_dy, "correlation": loss_c,
               "adversarial_z": fooled_bce(fake_dz[:, None]),
               "adversarial_y": fooled_bce(fake_dy[:, None])}
+    grad_decorrelation = None
     if decorrelate:
         losses["decorrelation"] = decorrelation_loss(c_logits, targets, objective)
         if objective != "maximize_ce":
@@ -136,29 +191,42 @@ def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
         # maximize_ce is C's own loss negated, so its gradient is C's, reversed.
         grad_decorrelation = weights.decorrelation * (
             -z_at_c.grad / scale if objective == "maximize_ce" else grad_decorrelation)
-        if not separate_codes:
-            grad_z = grad_z + grad_decorrelation
+    return losses, _CodeGradients(grad_z, grad_q, grad_decorrelation)
 
+
+def _autoencoder_step(ctx: StepContext, autoencoder_optimizer, forward: _Forward, x_u: torch.Tensor,
+                      y_l: torch.Tensor, z_c_input: torch.Tensor, targets: torch.Tensor,
+                      gradients: _CodeGradients, weights) -> dict:
+    """The encoder and decoder's one step: their own losses plus linear
+    surrogates of the code terms, whose gradients the critics' backward gave."""
+    z, q = forward.z, forward.q
+    # C's codes are not the training codes z themselves: the decorrelation's
+    # gradient reaches the encoder through a surrogate of their own.
+    separate_codes = (weights.correlation_batch_norm == "evaluation"
+                      or weights.correlation_input != "training")
+    grad_z = gradients.z
+    if gradients.decorrelation is not None and not separate_codes:
+        grad_z = grad_z + gradients.decorrelation
     with ctx.accelerator.autocast():
         x_hat = ctx.wrapped["decoder"](q, z)
-    losses["reconstruction"] = F.mse_loss(x_hat.float(), x_u)
-    losses["supervised"] = F.cross_entropy(logits_l, y_l)
+    losses = {"reconstruction": F.mse_loss(x_hat.float(), x_u),
+              "supervised": F.cross_entropy(forward.logits_l, y_l)}
     # The code terms are linear surrogates: their gradients are grad_z and grad_q.
     total = (weights.reconstruction * losses["reconstruction"]
              + weights.supervised * losses["supervised"]
-             + (z * grad_z).sum() + (q * grad_q).sum())
+             + (z * grad_z).sum() + (q * gradients.q).sum())
     if weights.consistency > 0:
-        losses["consistency"] = consistency_loss(logits_y, logits_clean)
+        losses["consistency"] = consistency_loss(forward.logits_y, forward.logits_clean)
         total = total + weights.consistency * losses["consistency"]
     if weights.vat > 0:
-        losses["vat"] = consistency_loss(logits_perturbed, logits_clean)
+        losses["vat"] = consistency_loss(forward.logits_perturbed, forward.logits_clean)
         total = total + weights.vat * losses["vat"]
     if weights.independence > 0:
         losses["independence"] = normalised_hsic(z_c_input, class_rows(targets, ctx.num_classes))
         total = total + weights.independence * losses["independence"]
-    if decorrelate and separate_codes:
+    if gradients.decorrelation is not None and separate_codes:
         # Through the concatenation, for both, into z and the clean codes; with
         # evaluation codes, through their own forward.
-        total = total + (z_c_input * grad_decorrelation).sum()
+        total = total + (z_c_input * gradients.decorrelation).sum()
     ctx.step(autoencoder_optimizer, total)
-    return {name: value.detach() for name, value in losses.items()}
+    return losses
