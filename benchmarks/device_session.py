@@ -148,6 +148,7 @@ def wait_for(runs: dict[str, subprocess.Popen], deadline: float) -> dict[str, ob
 def evaluate_stopped(runs_dir: Path, names: list[str]) -> dict[str, dict]:
     """`daae eval`'s test metrics of each stopped run's last checkpoint (no
     generation checks), written beside it as checkpoint_test.json."""
+    from daae.config import CLASS_MAP_KEYS
     from daae.evaluate import evaluate_run
     from daae.whitening import WhiteningError
 
@@ -157,10 +158,11 @@ def evaluate_stopped(runs_dir: Path, names: list[str]) -> dict[str, dict]:
             try:
                 results[name] = evaluate_run(runs_dir / name, generation=False)
             except WhiteningError:
-                # A run stopped early can predict a class too rarely to whiten
-                # (eval.class_whitened_probes): its raw figures still count.
+                # A run stopped early can predict a class too rarely to map
+                # (eval.class_whitened_probes, eval.class_gaussianized_probes):
+                # its raw figures still count.
                 results[name] = evaluate_run(runs_dir / name, generation=False,
-                                             overrides=["eval.class_whitened_probes=false"])
+                                             overrides=[f"{key}=false" for key in CLASS_MAP_KEYS.values()])
             (runs_dir / name / STOPPED_METRICS).write_text(json.dumps(results[name], indent=2) + "\n")
     return results
 

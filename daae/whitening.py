@@ -139,8 +139,7 @@ class ClassGaussianization(nn.Module):
         if counts[rarest] < cls.MIN_CODES:
             raise WhiteningError(
                 f"class {rarest} is predicted for {int(counts[rarest])} of {len(z)} images, too few "
-                f"to fit its quantiles (needs {cls.MIN_CODES}): Gaussianize a run whose y head "
-                f"predicts every class more often, or use --class-whitened")
+                f"to fit its quantiles (needs {cls.MIN_CODES})")
         whitening = ClassWhitening.fit(z, classes, num_classes)
         codes = whitening.whiten(z, classes).double()
         z_dim = codes.shape[1]
@@ -242,8 +241,14 @@ def whiten_networks(nets: Networks, images: ImageSet, batch_size: int, device,
     if class_map not in CLASS_MAPS:
         raise ValueError(f"class_map {class_map!r} is not one of {sorted(CLASS_MAPS)}")
     encoded = encode(nets, images.images, batch_size, device)
-    whitening = CLASS_MAPS[class_map].fit(encoded.z, encoded.logits_y.argmax(1),
-                                          encoded.logits_y.shape[1]).to(device)
+    try:
+        whitening = CLASS_MAPS[class_map].fit(encoded.z, encoded.logits_y.argmax(1),
+                                              encoded.logits_y.shape[1]).to(device)
+    except WhiteningError as exc:
+        if class_map != "gaussianized":
+            raise
+        raise WhiteningError(f"{exc}: Gaussianize a run whose y head predicts every class more "
+                             f"often, or use --class-whitened") from None
     nets.encoder = WhitenedEncoder(nets.encoder, whitening)
     nets.decoder = WhitenedDecoder(nets.decoder, whitening)
     return whitening

@@ -109,8 +109,11 @@ def test_device_session_stops_runs_at_the_deadline_and_evaluates_their_checkpoin
     from daae.train import train
 
     # A run killed after its last checkpoint: the checkpoint is there, metrics.json is not.
+    # Both class maps on, as the shipped configs have them, and too few codes to fit the
+    # Gaussianization: the stopped run's raw figures still count.
     train(tiny_config(tmp_path, "run.name=on-seed0", "train.max_steps=10", "eval.probe_epochs=1",
-                      "eval.final_test=false"))
+                      "eval.final_test=false", "eval.class_whitened_probes=true",
+                      "eval.class_gaussianized_probes=true"))
     (tmp_path / "on-seed0" / "metrics.json").unlink()
     still_running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     codes = device_session.wait_for({"on-seed0": still_running}, time.perf_counter() + 0.5)
@@ -123,6 +126,7 @@ def test_device_session_stops_runs_at_the_deadline_and_evaluates_their_checkpoin
     assert "on-seed0: stopped at the deadline; its last checkpoint (step 10): test error" in summary
     written = json.loads((tmp_path / "on-seed0" / device_session.STOPPED_METRICS).read_text())
     assert written["step"] == 10 and 0 <= written["test_accuracy"] <= 1
+    assert "probe_accuracy" in written and not any(key.startswith("class_") for key in written)
 
 
 def test_device_session_refuses_a_data_root_without_mnist(tmp_path, capsys):

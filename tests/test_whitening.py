@@ -10,7 +10,7 @@ from daae.config import EvalConfig
 from daae.data import load_data
 from daae.evaluate import evaluate, evaluate_run, fit_probes, fit_probes_on_codes
 from daae.runs import build_networks
-from daae.whitening import ClassGaussianization, ClassWhitening, WhiteningError
+from daae.whitening import ClassGaussianization, ClassWhitening, WhiteningError, whiten_networks
 
 from conftest import SMOKE, tiny_config
 
@@ -98,7 +98,7 @@ def test_a_class_too_rare_to_fit_its_quantiles_is_named():
     classes[classes == 1] = 0
     classes[:100] = 1
     with pytest.raises(WhiteningError, match="class 1 is predicted for 100 of 600 images, too few "
-                                             "to fit its quantiles.*--class-whitened"):
+                                             "to fit its quantiles \\(needs 256\\)"):
         ClassGaussianization.fit(z, classes, 2)
 
 
@@ -238,9 +238,13 @@ def test_too_few_codes_to_gaussianize_leave_the_pair_out_and_stop_a_strict_fit(t
     nets = build_networks(config, data.image_shape, data.num_classes)
     probes = fit_probes(nets, data.train_images(), config.eval, data.num_classes, "cpu", config.seed)
     assert "too few to fit its quantiles (needs 256)" in probes.map_errors["gaussianized"]
+    assert "--class-whitened" not in probes.map_errors["gaussianized"]  # a daae eval flag: not here
     metrics = evaluate(nets, data.validation, data.labelled, config.eval, data.num_classes, "cpu", probes)
     assert "probe_accuracy" in metrics and not any(key.startswith("class_") for key in metrics)
     with pytest.raises(WhiteningError, match="eval.class_gaussianized_probes: class .* or set "
                                              "eval.class_gaussianized_probes=false"):
         fit_probes(nets, data.train_images(), config.eval, data.num_classes, "cpu", config.seed,
                    strict=True)
+    # `daae eval --class-gaussianized` and `daae sample --class-gaussianized` name the other map.
+    with pytest.raises(WhiteningError, match="too few to fit its quantiles .* or use --class-whitened"):
+        whiten_networks(nets, data.train_images().subset(torch.arange(500)), 500, "cpu", "gaussianized")

@@ -159,6 +159,8 @@ def config_rows(spec: SearchSpec, rows: list[dict]) -> list[dict]:
                "n": len(done), "score_mean": sum(scores) / len(scores) if scores else None,
                "meets_target_on_every_seed": complete and all(bool(r["meets_target"]) for r in done)}
         row = _aggregate(row, done)
+        # Out of every listed seed: a seed that failed has not met the target.
+        row["meets_target"] = f"{sum(bool(r['meets_target']) for r in done)}/{len(spec.file.seeds)}"
         row["_params"] = {k: v for k, v in done[0]["_params"].items() if k != SEED_KEY} if done else None
         row["_complete"] = complete
         out.append(row)
