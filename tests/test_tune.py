@@ -183,6 +183,14 @@ def test_a_search_over_seeds_trains_each_sampled_config_on_every_seed(ray_sessio
     assert best["seed"] == 0  # the base config's: one run per seed is the user's to start
     assert (experiment / "configs.md").read_text() in capsys.readouterr().out
     assert all(float(configs[0][k]) == pytest.approx(v) for k, v in zip(searched, best_values))
+    # `daae tune --check` lists the same draws before anything runs.
+    assert tune_main(["--check", "--config", SMOKE, "num_samples=2", "seeds=[3, 4]",
+                      "scheduler.kind=none"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# c")]
+    assert len(listed) == 2
+    for index, line in enumerate(listed):
+        drawn = yaml.safe_load(line.split(": ", 1)[1])
+        assert tuple(drawn[k] for k in searched) == trained[f"c{index}-seed3"][1]
 
 
 def test_resources_the_cluster_cannot_hold_fail_before_any_trial(ray_session, tmp_path, caplog):

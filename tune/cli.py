@@ -51,6 +51,17 @@ def _write_tables(outcome) -> None:
             sys.stdout.write(f"\n{name}:\n{read_text(outcome.files[name])}")
 
 
+def _draws(spec) -> str:
+    """With ``seeds``, the configurations the search will train, as comments:
+    drawn in the driver with the search's ``seed``, so a run draws the same."""
+    if not spec.file.seeds:
+        return ""
+    if spec.file.seed is None:
+        return "# seed: null: the draws are made afresh when the search starts\n"
+    lines = [f"# c{index}: {values}" for index, values in enumerate(spec.sampled_configs())]
+    return f"# each trained on seeds {spec.file.seeds}:\n" + "\n".join(lines) + "\n"
+
+
 def run(args) -> int:
     from .spec import load_search
 
@@ -64,7 +75,7 @@ def run(args) -> int:
     else:
         spec = load_search(args.config, args.overrides)
         if args.check:
-            sys.stdout.write(spec.to_yaml())
+            sys.stdout.write(spec.to_yaml() + _draws(spec))
             return 0
         from .runner import run_search
 
