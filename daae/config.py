@@ -197,7 +197,6 @@ class LossConfig:
 # metrics name them from here.
 CLASS_MAP_METRICS = {name: (f"class_{name}_probe_accuracy", f"class_{name}_linear_probe_accuracy")
                      for name in ("whitened", "gaussianized")}
-CLASS_WHITENED_METRICS = CLASS_MAP_METRICS["whitened"]
 CLASS_MAPPED_METRICS = tuple(metric for pair in CLASS_MAP_METRICS.values() for metric in pair)
 # The key that turns each map's pair on.
 CLASS_MAP_KEYS = {name: f"eval.class_{name}_probes" for name in CLASS_MAP_METRICS}
@@ -240,8 +239,7 @@ class EvalConfig:
 
     def class_maps(self) -> list[str]:
         """The maps (keys of CLASS_MAP_METRICS) whose probe pairs run."""
-        return [name for name, on in (("whitened", self.class_whitened_probes),
-                                      ("gaussianized", self.class_gaussianized_probes)) if on]
+        return [name for name in CLASS_MAP_METRICS if getattr(self, f"class_{name}_probes")]
 
 
 @dataclass

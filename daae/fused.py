@@ -61,6 +61,12 @@ class _CodeGradients:
     decorrelation: torch.Tensor | None
 
 
+def _reads_evaluation_codes(weights) -> bool:
+    """Whether C and the class-removing terms read a second forward of their
+    rows, with the encoder's batch norms on their running averages."""
+    return weights.correlation_batch_norm == "evaluation"
+
+
 def fused_step(ctx: StepContext, autoencoder_optimizer, critic_optimizer,
                x_u: torch.Tensor, x_l: torch.Tensor, y_l: torch.Tensor, weights,
                x_clean: torch.Tensor | None = None):
@@ -107,7 +113,7 @@ def _encode(ctx: StepContext, x_u: torch.Tensor, x_l: torch.Tensor, x_clean: tor
     # With evaluation codes C reads a forward of its own, so the unaltered
     # images join this one only for the consistency and VAT targets.
     clean_in_forward = x_clean is not None and (
-        weights.consistency > 0 or weights.vat > 0 or weights.correlation_batch_norm != "evaluation")
+        weights.consistency > 0 or weights.vat > 0 or not _reads_evaluation_codes(weights))
     n_clean = len(x_clean) if clean_in_forward else 0
     inputs = [ctx.noisy(torch.cat([x_u, x_l]))]
     if clean_in_forward:
@@ -132,7 +138,7 @@ def _correlation_codes(ctx: StepContext, forward: _Forward, x_clean: torch.Tenso
     codes a second forward of their rows; with ``model.class_whitening`` those
     rows also move the encoder's per-class statistics."""
     correlation_input = weights.correlation_input
-    evaluation_codes = weights.correlation_batch_norm == "evaluation"
+    evaluation_codes = _reads_evaluation_codes(weights)
     rows = None
     if evaluation_codes or ctx.plain.encoder.z_whitening is not None:
         rows = (forward.training_rows if correlation_input == "training" else x_clean
@@ -202,8 +208,7 @@ def _autoencoder_step(ctx: StepContext, autoencoder_optimizer, forward: _Forward
     z, q = forward.z, forward.q
     # C's codes are not the training codes z themselves: the decorrelation's
     # gradient reaches the encoder through a surrogate of their own.
-    separate_codes = (weights.correlation_batch_norm == "evaluation"
-                      or weights.correlation_input != "training")
+    separate_codes = _reads_evaluation_codes(weights) or weights.correlation_input != "training"
     grad_z = gradients.z
     if gradients.decorrelation is not None and not separate_codes:
         grad_z = grad_z + gradients.decorrelation

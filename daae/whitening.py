@@ -193,11 +193,14 @@ class ClassGaussianization(nn.Module):
         return self.whitening.unwhiten(codes.float(), classes)
 
 
+ClassMap = ClassWhitening | ClassGaussianization
+
+
 class WhitenedEncoder(nn.Module):
     """The encoder with z mapped within its predicted class; z comes out in the
     map's dtype (float64 for ``ClassGaussianization``), the logits as before."""
 
-    def __init__(self, encoder: nn.Module, whitening: ClassWhitening | ClassGaussianization):
+    def __init__(self, encoder: nn.Module, whitening: ClassMap):
         super().__init__()
         self.encoder, self.whitening = encoder, whitening
 
@@ -218,7 +221,7 @@ class WhitenedDecoder(nn.Module):
     """The decoder on whitened codes; the class to unwhiten with is y's argmax,
     the encoder's prediction when y is q(y|x), the class asked for when one-hot."""
 
-    def __init__(self, decoder: nn.Module, whitening: ClassWhitening | ClassGaussianization):
+    def __init__(self, decoder: nn.Module, whitening: ClassMap):
         super().__init__()
         self.decoder, self.whitening = decoder, whitening
 
@@ -228,11 +231,10 @@ class WhitenedDecoder(nn.Module):
 
 
 CLASS_MAPS = {"whitened": ClassWhitening, "gaussianized": ClassGaussianization}
-ClassMap = ClassWhitening | ClassGaussianization
 
 
 def whiten_networks(nets: Networks, images: ImageSet, batch_size: int, device,
-                    class_map: str = "whitened") -> ClassWhitening | ClassGaussianization:
+                    class_map: str = "whitened") -> ClassMap:
     """Fit the ``class_map`` (a key of ``CLASS_MAPS``) on the codes of ``images``
     and wrap ``nets``' encoder and decoder in place, so every reader of z
     (evaluation, probes, generation) sees the mapped codes. Returns the fitted map."""

@@ -115,13 +115,14 @@ def to_markdown(rows: list[dict], formatter=_format) -> str:
 
 # ------------------------------------------------------------------------------ arms
 
-def _aggregate(row: dict, done: list[dict]) -> dict:
+def _aggregate(row: dict, done: list[dict], out_of: int) -> dict:
     """Mean and sample standard deviation (n-1) of each of ARM_METRICS over
-    ``done`` (finished trials), and how many of them meet the target."""
+    ``done`` (finished trials), and how many of them meet the target, out of
+    ``out_of`` trials."""
     for name in ARM_METRICS:
         values = [r[name] for r in done if r.get(name) is not None]
         row[f"{name}_mean"], row[f"{name}_std"] = mean_std(values) if values else (None, None)
-    row["meets_target"] = f"{sum(bool(r['meets_target']) for r in done)}/{len(done)}"
+    row["meets_target"] = f"{sum(bool(r['meets_target']) for r in done)}/{out_of}"
     return row
 
 
@@ -136,7 +137,7 @@ def arm_rows(spec: SearchSpec, rows: list[dict]) -> list[dict]:
     out = []
     for arm in spec.arms:
         done = [r for r in rows if r.get(ARM_KEY) == arm and r["status"] == "finished"]
-        out.append(_aggregate({"arm": arm, "n": len(done)}, done))
+        out.append(_aggregate({"arm": arm, "n": len(done)}, done, len(done)))
     return _unreported_spreads(out)
 
 
@@ -158,9 +159,8 @@ def config_rows(spec: SearchSpec, rows: list[dict]) -> list[dict]:
                **{key: members[0].get(key) for key in spec.space},
                "n": len(done), "score_mean": sum(scores) / len(scores) if scores else None,
                "meets_target_on_every_seed": complete and all(bool(r["meets_target"]) for r in done)}
-        row = _aggregate(row, done)
         # Out of every listed seed: a seed that failed has not met the target.
-        row["meets_target"] = f"{sum(bool(r['meets_target']) for r in done)}/{len(spec.file.seeds)}"
+        row = _aggregate(row, done, len(spec.file.seeds))
         row["_params"] = {k: v for k, v in done[0]["_params"].items() if k != SEED_KEY} if done else None
         row["_complete"] = complete
         out.append(row)
@@ -276,12 +276,13 @@ def write_outputs(spec: SearchSpec, grid) -> tuple[dict[str, str], list[dict]]:
         arms = arm_rows(spec, rows)
         files[ARMS_CSV] = to_csv(arms)
         files[ARMS_MD] = arms_markdown(arms)
-    best: Optional[dict] = next((r for r in rows if r["status"] == "finished"), None)
     if spec.file.seeds:
         configs = config_rows(spec, rows)
         files[CONFIGS_CSV] = to_csv([_visible(r) for r in configs])
         files[CONFIGS_MD] = configs_markdown(spec, configs)
-        best = next((r for r in configs if r["_complete"]), None)
+        best: Optional[dict] = next((r for r in configs if r["_complete"]), None)
+    else:
+        best = next((r for r in rows if r["status"] == "finished"), None)
     if best is not None:
         files[BEST_CONFIG] = best_config_yaml(spec, best)
     else:
