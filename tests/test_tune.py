@@ -146,6 +146,35 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
         assert (experiment / name / "result.json").read_text() == before  # not run again
 
 
+def test_a_resume_of_an_edited_search_file_is_refused_and_loses_nothing(ray_session, tmp_path, caplog):
+    # Tune resumes the trials it drew: with an arm gone from search.yaml the
+    # trial of that arm failed on every try (forever under max_failures: -1).
+    rc = tune_main(["--config", SMOKE, f"storage_path={tmp_path}", "num_samples=1", *FIXED, *QUICK,
+                    "space.loss.decorrelation={choice: [0.5]}", "arms.on.loss.independence=0.0",
+                    "arms.off.loss.decorrelation=0.0", "scheduler.kind=none", "max_concurrent_trials=1",
+                    "max_failures=1", "fault_injection.interrupt_after_trials=1"])
+    assert rc == 1
+    experiment = tmp_path / "smoke"
+    saved = (experiment / "search.yaml").read_text()
+    edited = yaml.safe_load(saved)
+    del edited["arms"]["off"]
+    edited["base"]["train"]["lr"] = 0.5
+    edited["resources"]["cpu"] = 0.5  # where trials run may change
+    (experiment / "search.yaml").write_text(yaml.safe_dump(edited))
+
+    assert tune_main(["--resume", str(experiment)]) == 2
+    assert "search.yaml has changed since the search started: arms, base." in caplog.text
+    assert ".search_started.yaml" in caplog.text
+    assert not (experiment / "trials.csv").exists()
+
+    edited = yaml.safe_load(saved)
+    edited["resources"]["cpu"] = 0.5
+    (experiment / "search.yaml").write_text(yaml.safe_dump(edited))
+    assert tune_main(["--resume", str(experiment)]) == 0
+    rows = read_rows(experiment)
+    assert sorted(r["arm"] for r in rows) == ["off", "on"] and all(r["status"] == "finished" for r in rows)
+
+
 def test_a_search_over_seeds_trains_each_sampled_config_on_every_seed(ray_session, tmp_path, capsys):
     # Interrupted after its first trial and resumed: the sampled values are
     # drawn once, so the resumed trials still share them.

@@ -22,6 +22,12 @@ from .trial import TrialSetup, run_trial, trial_dirname
 
 log = logging.getLogger(__name__)
 
+# The search as it started, beside the search.yaml a user may edit before a
+# resume: only where its trials run may change (the folder's place is taken
+# from the path it is resumed from).
+STARTED_FILE = ".search_started.yaml"
+RESUME_MAY_CHANGE = ("resources", "storage_path", "name")
+
 # A trial that only drives distributed workers needs next to no CPU itself;
 # Tune insists on some resource for every trial.
 DRIVER_CPU = 0.01
@@ -207,6 +213,7 @@ def run_search(spec: SearchSpec, *, address: Optional[str] = None,
         if check_resources:
             check_cluster(spec)
         write_text(f"{path}/{SEARCH_FILE}", spec.to_yaml())
+        write_text(f"{path}/{STARTED_FILE}", spec.to_yaml())
         log.info("search %s: results in %s", spec.name, path)
         grid = build_tuner(spec).fit()
         return _finish(spec, grid)
@@ -224,10 +231,27 @@ def load_experiment(path: str) -> SearchSpec:
                           f"(pass storage_path/name of a search)")
     import yaml
 
-    spec = parse_search(yaml.safe_load(read_text(f"{path}/{SEARCH_FILE}")), source=None)
+    saved = yaml.safe_load(read_text(f"{path}/{SEARCH_FILE}"))
+    if isinstance(saved, dict) and exists(f"{path}/{STARTED_FILE}"):  # older searches have none
+        _check_unchanged(path, saved, yaml.safe_load(read_text(f"{path}/{STARTED_FILE}")))
+    spec = parse_search(saved, source=None)
     # The folder may have moved since the search started.
     spec.file.storage_path, spec.file.name = path.rsplit("/", 1)
     return spec
+
+
+def _check_unchanged(path: str, saved: dict, started: dict) -> None:
+    """Tune restores the trials it has drawn, and the settings it ran them
+    with, from its own state: a search.yaml edited since would build some
+    trial's config from other values than it was drawn with (an arm gone fails
+    on every try, forever under ``max_failures: -1``), or be ignored."""
+    changed = sorted(key for key in {*saved, *started} - set(RESUME_MAY_CHANGE)
+                     if saved.get(key) != started.get(key))
+    if changed:
+        raise SearchError(
+            f"{path}/{SEARCH_FILE} has changed since the search started: {', '.join(changed)}. A "
+            f"resume continues the search as it started, and only {', '.join(RESUME_MAY_CHANGE)} may "
+            f"change: put those keys back as in {path}/{STARTED_FILE}, or start a new search")
 
 
 def resume_search(path: str, *, address: Optional[str] = None) -> Outcome:

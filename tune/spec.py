@@ -135,8 +135,7 @@ class SearchSpec:
         params = dict(params)
         arm = params.pop(ARM_KEY, None)
         if arm is not None and arm not in self.arms:
-            raise SearchError(f"arm '{arm}' is not in arms ({', '.join(self.arms) or 'none'}): the "
-                              f"search's arms changed since its trials began; start a new search")
+            raise SearchError(f"arm '{arm}' is not in arms ({', '.join(self.arms) or 'none'})")
         for key, value in [*(self.arms[arm] if arm is not None else {}).items(), *params.items()]:
             set_dotted(values, key, value)
         if for_trial:
