@@ -78,6 +78,12 @@ def refuse_split_changes(changes: dict[str, tuple[Any, Any]], problem: str, fix:
             f"validation split, {fix}")
 
 
+def model_changes(changes: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
+    """The ``model.`` keys among ``changes``: what to name when a checkpoint's
+    weights do not fit (a key the checkpoint predates included: it had its default)."""
+    return {key: values for key, values in changes.items() if key.startswith("model.")}
+
+
 def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
     """``config_changes`` for a message: "key is NOW here, BEFORE in the
     checkpoint; ...", each value as an override would spell it (JSON: false, not False)."""
@@ -149,7 +155,7 @@ def load_trained_run(run_dir: str | Path, device="cpu", overrides: list[str] = (
     try:
         nets.load_state_dict(state["networks"])
     except RuntimeError as exc:
-        changed = {key: values for key, values in changes.items() if key.startswith("model.")}
+        changed = model_changes(changes)
         if changed:  # an override (or an edited config.yaml) names another model
             raise checkpoint.CheckpointError(
                 f"the checkpoint in {run_dir} does not fit: {describe_changes(changed)}. Read it "

@@ -21,8 +21,8 @@ from .grids import reconstruction_grid, save_png
 from .interrupt import StopRequest, TrainingInterrupted
 from .optimizers import OPTIONAL_OPTIMIZERS, lr_factor, restore_optimizer, set_learning_rates
 from .prepare import make_accelerator, prepare_training
-from .runs import (CONFIG_FILE, METRICS_FILE, config_changes, describe_changes, new_run_dir,
-                   record_resume, refuse_split_changes, write_json)
+from .runs import (CONFIG_FILE, METRICS_FILE, config_changes, describe_changes, model_changes,
+                   new_run_dir, record_resume, refuse_split_changes, write_json)
 from .sample import tensorboard_generation
 from .tracker import LossTracker, NonFiniteLossError
 
@@ -137,9 +137,7 @@ def _restore(state: dict, changes: dict, nets, optimizers, generator, accelerato
     try:
         nets.load_state_dict(state["networks"])
     except RuntimeError as exc:
-        written = state.get("config", {}).get("model", {})
-        changed = describe_changes({key: values for key, values in changes.items()
-                                    if key.startswith("model.") and key.partition(".")[2] in written})
+        changed = describe_changes(model_changes(changes))
         if changed:
             raise checkpoint.CheckpointError(
                 f"{path} does not fit this model: {changed}. Resume with the model the run "

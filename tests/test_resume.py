@@ -83,6 +83,24 @@ def test_switching_a_term_with_its_own_optimizer_on_resume_names_the_key(tmp_pat
                           *common), resume=tmp_path / "r")
 
 
+def test_resuming_with_another_model_names_the_key_even_one_the_checkpoint_predates(tmp_path):
+    common = ("eval.final_test=false", "eval.probe_epochs=1")
+    train(tiny_config(tmp_path, "run.name=r", "train.max_steps=4", *common))
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"does not fit this model: model\.z_dim is 7 here, \d+ in the checkpoint"):
+        train(tiny_config(tmp_path, "run.name=r", "train.max_steps=8", "model.z_dim=7", *common),
+              resume=tmp_path / "r")
+    # A checkpoint written before daae had the key: it had the default then.
+    path = checkpoint.checkpoint_path(tmp_path / "r")
+    state = checkpoint.load(path)
+    del state["config"]["model"]["class_conditional_prior"]
+    checkpoint.save_atomic(state, path)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"model\.class_conditional_prior is true here, false in the checkpoint"):
+        train(tiny_config(tmp_path, "run.name=r", "train.max_steps=8",
+                          "model.class_conditional_prior=true", *common), resume=tmp_path / "r")
+
+
 def test_a_new_run_never_overwrites_an_existing_one(tmp_path):
     from daae.config import ConfigError
 
