@@ -159,7 +159,6 @@ def test_a_resume_of_an_edited_search_file_is_refused_and_loses_nothing(ray_sess
     edited = yaml.safe_load(saved)
     del edited["arms"]["off"]
     edited["base"]["train"]["lr"] = 0.5
-    edited["resources"]["cpu"] = 0.5  # where trials run may change
     (experiment / "search.yaml").write_text(yaml.safe_dump(edited))
 
     assert tune_main(["--resume", str(experiment)]) == 2
@@ -167,9 +166,7 @@ def test_a_resume_of_an_edited_search_file_is_refused_and_loses_nothing(ray_sess
     assert ".search_started.yaml" in caplog.text
     assert not (experiment / "trials.csv").exists()
 
-    edited = yaml.safe_load(saved)
-    edited["resources"]["cpu"] = 0.5
-    (experiment / "search.yaml").write_text(yaml.safe_dump(edited))
+    (experiment / "search.yaml").write_text(saved)
     assert tune_main(["--resume", str(experiment)]) == 0
     rows = read_rows(experiment)
     assert sorted(r["arm"] for r in rows) == ["off", "on"] and all(r["status"] == "finished" for r in rows)

@@ -204,22 +204,26 @@ def test_resume_of_a_folder_that_is_no_search(tmp_path, caplog):
     assert "not a daae search folder" in caplog.text
 
 
-def test_a_search_folder_loads_for_a_resume_unless_its_search_yaml_changed_more_than_resources(tmp_path):
+def test_a_search_folder_loads_for_a_resume_unless_its_search_yaml_changed(tmp_path):
     from tune.runner import STARTED_FILE, load_experiment
 
     started = parse(smoke_values(arms={"on": {}, "off": {"loss.decorrelation": 0.0}})).to_yaml()
     edited = yaml.safe_load(started)
-    edited["resources"]["cpu"] = 4
+    edited["resources"]["gpu"] = 0.5
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(edited))
     # A search started before daae kept the record resumes as before.
-    assert load_experiment(str(tmp_path)).file.resources.cpu == 4
+    assert load_experiment(str(tmp_path)).file.resources.gpu == 0.5
     (tmp_path / STARTED_FILE).write_text(started)
-    assert load_experiment(str(tmp_path)).file.resources.cpu == 4
-    edited["num_samples"] = 9
-    (tmp_path / "search.yaml").write_text(yaml.safe_dump(edited))
-    with pytest.raises(SearchError, match=r"changed since the search started: num_samples\. .*"
-                                          r"only resources, storage_path, name may change"):
+    with pytest.raises(SearchError, match=r"changed since the search started: resources\. .*"
+                                          r"put those keys back as in .*\.search_started\.yaml"):
         load_experiment(str(tmp_path))
+    # The folder moved, and search.yaml was told so: where it lies is taken from the path.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    told = {**yaml.safe_load(started), "storage_path": str(tmp_path), "name": "moved"}
+    (moved / "search.yaml").write_text(yaml.safe_dump(told))
+    (moved / STARTED_FILE).write_text(started)
+    assert load_experiment(str(moved)).experiment_path == str(moved)
 
 
 # ------------------------------------------------------------------------ objective

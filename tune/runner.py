@@ -23,10 +23,9 @@ from .trial import TrialSetup, run_trial, trial_dirname
 log = logging.getLogger(__name__)
 
 # The search as it started, beside the search.yaml a user may edit before a
-# resume: only where its trials run may change (the folder's place is taken
-# from the path it is resumed from).
+# resume. Where the folder lies is taken from the path resumed from.
 STARTED_FILE = ".search_started.yaml"
-RESUME_MAY_CHANGE = ("resources", "storage_path", "name")
+RESUME_IGNORES = ("storage_path", "name")
 
 # A trial that only drives distributed workers needs next to no CPU itself;
 # Tune insists on some resource for every trial.
@@ -241,17 +240,19 @@ def load_experiment(path: str) -> SearchSpec:
 
 
 def _check_unchanged(path: str, saved: dict, started: dict) -> None:
-    """Tune restores the trials it has drawn, and the settings it ran them
-    with, from its own state: a search.yaml edited since would build some
-    trial's config from other values than it was drawn with (an arm gone fails
-    on every try, forever under ``max_failures: -1``), or be ignored."""
-    changed = sorted(key for key in {*saved, *started} - set(RESUME_MAY_CHANGE)
+    """Tune restores the trials it has drawn, with their resources and its
+    run settings, from its own state: a search.yaml edited since would build
+    some trial's config from other values than it was drawn with (an arm gone
+    fails on every try, forever under ``max_failures: -1``), be half applied
+    (a trial's distributed workers) or be ignored."""
+    changed = sorted(key for key in {*saved, *started} - set(RESUME_IGNORES)
                      if saved.get(key) != started.get(key))
     if changed:
         raise SearchError(
             f"{path}/{SEARCH_FILE} has changed since the search started: {', '.join(changed)}. A "
-            f"resume continues the search as it started, and only {', '.join(RESUME_MAY_CHANGE)} may "
-            f"change: put those keys back as in {path}/{STARTED_FILE}, or start a new search")
+            f"resume continues the search as it started (Tune keeps its trials, their resources "
+            f"and its settings): put those keys back as in {path}/{STARTED_FILE}, or start a new "
+            f"search")
 
 
 def resume_search(path: str, *, address: Optional[str] = None) -> Outcome:

@@ -135,7 +135,8 @@ class SearchSpec:
         params = dict(params)
         arm = params.pop(ARM_KEY, None)
         if arm is not None and arm not in self.arms:
-            raise SearchError(f"arm '{arm}' is not in arms ({', '.join(self.arms) or 'none'})")
+            raise SearchError(f"arm '{arm}' is not in arms ({', '.join(self.arms) or 'none'}): the "
+                              f"search's arms changed since its trials began; start a new search")
         for key, value in [*(self.arms[arm] if arm is not None else {}).items(), *params.items()]:
             set_dotted(values, key, value)
         if for_trial:
