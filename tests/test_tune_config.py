@@ -224,6 +224,9 @@ def test_a_search_folder_loads_for_a_resume_unless_its_search_yaml_changed(tmp_p
     (moved / "search.yaml").write_text(yaml.safe_dump(told))
     (moved / STARTED_FILE).write_text(started)
     assert load_experiment(str(moved)).experiment_path == str(moved)
+    (moved / STARTED_FILE).write_text("torn")
+    with pytest.raises(SearchError, match=r"\.search_started\.yaml should hold the search as it started"):
+        load_experiment(str(moved))
 
 
 # ------------------------------------------------------------------------ objective

@@ -245,6 +245,9 @@ def _check_unchanged(path: str, saved: dict, started: dict) -> None:
     some trial's config from other values than it was drawn with (an arm gone
     fails on every try, forever under ``max_failures: -1``), be half applied
     (a trial's distributed workers) or be ignored."""
+    if not isinstance(started, dict):
+        raise SearchError(f"{path}/{STARTED_FILE} should hold the search as it started, as daae "
+                          f"wrote it; delete it to resume without this check")
     changed = sorted(key for key in {*saved, *started} - set(RESUME_IGNORES)
                      if saved.get(key) != started.get(key))
     if changed:
