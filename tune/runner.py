@@ -211,8 +211,9 @@ def run_search(spec: SearchSpec, *, address: Optional[str] = None,
     try:
         if check_resources:
             check_cluster(spec)
-        write_text(f"{path}/{SEARCH_FILE}", spec.to_yaml())
-        write_text(f"{path}/{STARTED_FILE}", spec.to_yaml())
+        text = spec.to_yaml()
+        write_text(f"{path}/{SEARCH_FILE}", text)
+        write_text(f"{path}/{STARTED_FILE}", text)
         log.info("search %s: results in %s", spec.name, path)
         grid = build_tuner(spec).fit()
         return _finish(spec, grid)
