@@ -38,6 +38,10 @@ class ClassWhitening(nn.Module):
     """Per-class mean and Cholesky factor of the codes; class ``c``'s codes map
     to ``L_c^-1 (z - mean_c)`` and back."""
 
+    # The map ``whiten_networks`` suggests when this one cannot be fitted: none
+    # needs fewer codes than this.
+    FALLBACK: str | None = None
+
     def __init__(self, mean: torch.Tensor, cholesky: torch.Tensor):
         super().__init__()
         self.register_buffer("mean", mean)
@@ -122,6 +126,8 @@ class ClassGaussianization(nn.Module):
     # Fewer codes than quantiles give a map that sends the class's other codes
     # far from N(0, I) (held-out SD 1.4-2.4 from 50 codes, 1.05 from 500).
     MIN_CODES = KNOTS
+    # Needs only more codes than z_dim in each class.
+    FALLBACK: str | None = "whitened"
 
     def __init__(self, whitening: ClassWhitening, rotations: torch.Tensor, knots_x: torch.Tensor,
                  knots_y: torch.Tensor):
@@ -242,15 +248,18 @@ def whiten_networks(nets: Networks, images: ImageSet, batch_size: int, device,
 
     if class_map not in CLASS_MAPS:
         raise ValueError(f"class_map {class_map!r} is not one of {sorted(CLASS_MAPS)}")
+    map_class = CLASS_MAPS[class_map]
     encoded = encode(nets, images.images, batch_size, device)
     try:
-        whitening = CLASS_MAPS[class_map].fit(encoded.z, encoded.logits_y.argmax(1),
-                                              encoded.logits_y.shape[1]).to(device)
+        whitening = map_class.fit(encoded.z, encoded.logits_y.argmax(1),
+                                  encoded.logits_y.shape[1]).to(device)
     except WhiteningError as exc:
-        if class_map != "gaussianized":
+        if map_class.FALLBACK is None:
             raise
-        raise WhiteningError(f"{exc}: Gaussianize a run whose y head predicts every class more "
-                             f"often, or use --class-whitened") from None
+        # The callers are `daae eval` and `daae sample`, whose flag for each
+        # map is --class-<its CLASS_MAPS key>.
+        raise WhiteningError(f"{exc}: map a run whose y head predicts every class more often, "
+                             f"or use --class-{map_class.FALLBACK}") from None
     nets.encoder = WhitenedEncoder(nets.encoder, whitening)
     nets.decoder = WhitenedDecoder(nets.decoder, whitening)
     return whitening

@@ -5,12 +5,13 @@ import torch
 
 import daae.consistency
 import daae.evaluate
-from daae.cli import main
+from daae.cli import build_parser, main
 from daae.config import EvalConfig
 from daae.data import load_data
 from daae.evaluate import evaluate, evaluate_run, fit_probes, fit_probes_on_codes
 from daae.runs import build_networks
-from daae.whitening import ClassGaussianization, ClassWhitening, WhiteningError, whiten_networks
+from daae.whitening import (CLASS_MAPS, ClassGaussianization, ClassWhitening, WhiteningError,
+                            whiten_networks)
 
 from conftest import SMOKE, tiny_config
 
@@ -248,3 +249,13 @@ def test_too_few_codes_to_gaussianize_leave_the_pair_out_and_stop_a_strict_fit(t
     # `daae eval --class-gaussianized` and `daae sample --class-gaussianized` name the other map.
     with pytest.raises(WhiteningError, match="too few to fit its quantiles .* or use --class-whitened"):
         whiten_networks(nets, data.train_images().subset(torch.arange(500)), 500, "cpu", "gaussianized")
+
+
+def test_every_class_map_has_its_flag_and_names_a_fallback_that_exists():
+    # whiten_networks' hint names the fallback as --class-<key>: that flag must parse to it.
+    parser = build_parser()
+    for key, map_class in CLASS_MAPS.items():
+        for command in (["eval", "--checkpoint", "RUN"],
+                        ["sample", "--checkpoint", "RUN", "--kind", "style", "--out", "x.png"]):
+            assert parser.parse_args(command + [f"--class-{key}"]).class_map == key
+        assert map_class.FALLBACK is None or map_class.FALLBACK in CLASS_MAPS
