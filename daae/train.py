@@ -150,7 +150,9 @@ def _restore(state: dict, changes: dict, nets, optimizers, generator, accelerato
             raise checkpoint.CheckpointError(f"{path}: optimizer {name!r}: {exc}") from None
     states = state["rng"]["generators"]
     if len(states) == accelerator.num_processes:
-        generator.set_state(states[accelerator.process_index])
+        # A copy: a row of the stacked states is a view at an offset, which
+        # the CPU generator's set_state reads out of bounds (a segfault on rank 1).
+        generator.set_state(states[accelerator.process_index].clone())
     else:
         log.warning("checkpoint has %d random streams for %d processes; reseeding",
                     len(states), accelerator.num_processes)

@@ -20,21 +20,45 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("step_mode,codes", [("reference", "training"), ("fused", "training"),
-                                             ("fused", "evaluation")])
-def test_two_cpu_processes_keep_identical_parameters(tmp_path, step_mode, codes):
+def _launch_two_processes(*args: str) -> subprocess.CompletedProcess:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-               str(HERE / "ddp_worker.py"), str(tmp_path), str(SMOKE), f"run.dir={tmp_path}",
-               "run.name=ddp", "train.max_steps=60", f"train.step_mode={step_mode}", "run.progress_bar=false",
-               "run.checkpoint_every=25", "eval.final_test=false", "eval.probe_epochs=1",
-               # The extra phases and VAT's power iteration (a forward DDP must not see).
-               "data.max_shift=1", "loss.consistency=0.5", "loss.vat=0.5",
-               # With evaluation codes C's rows take a second forward outside DDP.
-               f"loss.correlation_batch_norm={codes}", "loss.correlation_input=clean"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+               *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_two_process_run_resumed_from_its_checkpoint_ends_as_the_straight_run(tmp_path):
+    # Each rank restores its own random stream from the checkpoint's stacked
+    # states; rank 1's used to crash the resume (SIGSEGV).
+    common = ["-m", "daae", "train", "--config", str(SMOKE), f"run.dir={tmp_path}", "run.checkpoint_every=10",
+              "run.eval_every=10", "run.progress_bar=false", "eval.final_test=false", "eval.probe_epochs=1"]
+    for args in (["run.name=straight", "train.max_steps=20"], ["run.name=split", "train.max_steps=10"]):
+        done = _launch_two_processes(*common, *args)
+        assert done.returncode == 0, done.stderr[-3000:]
+    done = _launch_two_processes("-m", "daae", "train", "--resume", str(tmp_path / "split"),
+                                 "train.max_steps=20")
+    assert done.returncode == 0, done.stderr[-3000:]
+    straight, split = (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
+                       for name in ("straight", "split"))
+    assert split["step"] == straight["step"] == 20
+    for name, tensor in straight["networks"].items():
+        assert torch.equal(tensor, split["networks"][name]), name
+    assert torch.equal(straight["rng"]["generators"], split["rng"]["generators"])
+
+
+@pytest.mark.parametrize("step_mode,codes", [("reference", "training"), ("fused", "training"),
+                                             ("fused", "evaluation")])
+def test_two_cpu_processes_keep_identical_parameters(tmp_path, step_mode, codes):
+    done = _launch_two_processes(
+        str(HERE / "ddp_worker.py"), str(tmp_path), str(SMOKE), f"run.dir={tmp_path}",
+        "run.name=ddp", "train.max_steps=60", f"train.step_mode={step_mode}", "run.progress_bar=false",
+        "run.checkpoint_every=25", "eval.final_test=false", "eval.probe_epochs=1",
+        # The extra phases and VAT's power iteration (a forward DDP must not see).
+        "data.max_shift=1", "loss.consistency=0.5", "loss.vat=0.5",
+        # With evaluation codes C's rows take a second forward outside DDP.
+        f"loss.correlation_batch_norm={codes}", "loss.correlation_input=clean")
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
