@@ -311,7 +311,8 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 
 def _increasing_epochs(milestones: list[int]) -> bool:
-    return milestones == sorted(milestones) and all(m >= 1 for m in milestones)
+    # Strictly: a repeated epoch would multiply by the drop twice there.
+    return all(a < b for a, b in zip(milestones, milestones[1:])) and all(m >= 1 for m in milestones)
 
 
 def validate(config: Config) -> None:
@@ -329,7 +330,8 @@ def validate(config: Config) -> None:
             _require(data.labels_per_class <= smallest, "data.labels_per_class",
                      f"{data.labels_per_class} is more than the smallest {data.name} class "
                      f"holds ({smallest}); use at most {smallest}, or null for all labels")
-    _require(data.validation_size >= 1, "data.validation_size", "must be at least 1")
+    # Two codes at least: the latent map's principal axes (and a spread) need them.
+    _require(data.validation_size >= 2, "data.validation_size", "must be at least 2")
     _require(0 <= data.max_shift <= 8, "data.max_shift",
              f"must be a number of pixels from 0 (no shift) to 8, got {data.max_shift}")
     _require(data.synthetic_image_size in (28, 32), "data.synthetic_image_size", "must be 28 or 32")

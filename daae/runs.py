@@ -37,7 +37,7 @@ def build_networks(config: Config, image_shape: tuple[int, int, int], num_classe
 
 
 def new_run_dir(config: Config) -> Path:
-    parent = Path(config.run.dir)
+    parent = Path(config.run.dir).expanduser()  # a YAML's '~/runs' is not expanded by a shell
     if config.run.name:
         return parent / config.run.name
     stamp = time.strftime("%Y%m%d-%H%M%S")

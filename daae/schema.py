@@ -141,7 +141,9 @@ def set_dotted(values: dict, key: str, value: Any) -> None:
     if not all(parts):
         raise ConfigError(f"override '{key}': expected a dotted key such as train.lr")
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # a YAML section with every key commented out reads as null
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
         node = child

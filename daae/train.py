@@ -47,7 +47,15 @@ def planned_steps(config: Config, steps_per_epoch: int) -> int:
 
 def _resolve_run_dir(config: Config, accelerator: Accelerator, run_dir, resume) -> Path:
     if resume is not None:
-        return Path(resume)
+        # Before the data loads and the lock makes a folder: a mistyped path would leave one.
+        resume = Path(resume)
+        if not resume.is_dir():
+            run_folder = resume.parent.parent
+            hint = (f": {resume} is the checkpoint of {run_folder}, so pass {run_folder}"
+                    if checkpoint.checkpoint_path(run_folder) == resume else "")
+            raise ConfigError(f"--resume {resume}: not a run folder; pass the folder that daae train "
+                              f"wrote (run.dir/run.name){hint}")
+        return resume
     if run_dir is None:
         chosen = [str(new_run_dir(config))]
         broadcast_object_list(chosen)

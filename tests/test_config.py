@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from daae.config import ConfigError, load_config, save_config
+from daae.config import ConfigError, EvalConfig, load_config, save_config
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -54,6 +54,8 @@ def test_a_crash_while_saving_the_config_leaves_the_old_one(tmp_path, monkeypatc
     ("model.kind=transformer", "model.kind"),
     ("loss.decorrelation_objective=entropy", "loss.decorrelation_objective"),
     ("train.lr_milestones=[50, 20]", "train.lr_milestones"),
+    ("train.lr_milestones=[20, 20]", "train.lr_milestones: must be increasing"),  # a double drop
+    ("data.validation_size=1", "data.validation_size: must be at least 2"),
     ("train.critic_lr_milestones=[0]", "train.critic_lr_milestones"),
     ("train.correlation_lr_scale=0", "train.correlation_lr_scale"),
     ("model.correlation_classifiers=0", "model.correlation_classifiers"),
@@ -123,6 +125,13 @@ def test_a_section_given_whole_on_the_command_line_is_merged_into_it():
     config = load_config(CONFIGS[0], ["train={lr: 0.1}"])
     assert config.train.lr == 0.1
     assert (config.train.batch_size, config.train.epochs) == (base.train.batch_size, base.train.epochs)
+
+
+def test_an_override_reaches_a_yaml_section_whose_keys_are_all_commented_out(tmp_path):
+    path = tmp_path / "empty_eval.yaml"
+    path.write_text("seed: 1\neval:\n  # probe_epochs: 5\n")
+    assert load_config(path).eval == EvalConfig()
+    assert load_config(path, ["eval.probe_epochs=2"]).eval.probe_epochs == 2
 
 
 def test_a_key_written_twice_in_a_yaml_file_is_refused_naming_it(tmp_path):

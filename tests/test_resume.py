@@ -30,9 +30,27 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert resumed["validation"]["accuracy"] == straight["validation"]["accuracy"]
 
 
-def test_resume_from_a_folder_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+def test_resume_from_a_missing_folder_or_a_checkpoint_file_is_a_clear_error_that_makes_nothing(tmp_path):
+    from daae.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--resume .*missing: not a run folder; pass the folder"):
         train(tiny_config(tmp_path, "train.max_steps=2"), resume=tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()  # no folder left holding only a lock
+    (tmp_path / "r").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        train(tiny_config(tmp_path, "train.max_steps=2"), resume=tmp_path / "r")
+    last = checkpoint.checkpoint_path(tmp_path / "r")
+    last.parent.mkdir()
+    last.write_bytes(b"")
+    with pytest.raises(ConfigError, match=f"is the checkpoint of {tmp_path / 'r'}, so pass"):
+        train(tiny_config(tmp_path, "train.max_steps=2"), resume=last)
+
+
+def test_a_run_dir_under_home_written_with_a_tilde_lands_there(tmp_path, monkeypatch):
+    from daae.runs import new_run_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert new_run_dir(tiny_config(tmp_path, "run.dir=~/runs", "run.name=r")) == tmp_path / "runs" / "r"
 
 
 def test_resuming_with_another_model_names_the_changed_key(tmp_path):
