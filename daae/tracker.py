@@ -45,6 +45,19 @@ class LossTracker:
         self.first_bad[names] = torch.where(torch.isfinite(values), first_bad,
                                             first_bad.clamp_max(step))
 
+    def partial_sums(self) -> list[tuple[tuple, torch.Tensor, int]]:
+        """(names, sums, steps summed) of every set of losses since the last
+        pop, in the order they first came: a checkpoint carries them."""
+        return [(names, sums, self.counts[names]) for names, sums in self.sums.items()]
+
+    def restore(self, names: tuple, sums: torch.Tensor, count: int) -> None:
+        """Go on from a checkpoint's ``partial_sums`` entry (no loss was
+        non-finite there: the checkpoint is written after the check)."""
+        self.sums[names] = sums.to(self.device).clone()
+        self.counts[names] = count
+        self.first_bad[names] = torch.full((len(names),), self.NEVER, dtype=torch.long,
+                                           device=self.device)
+
     def check(self) -> None:
         """Raises on every process when a loss went non-finite on any: one
         process stopping alone would leave the others waiting in their next

@@ -92,11 +92,43 @@ def _lock_run_dir(run_dir: Path):
     return handle
 
 
-def _gather_generator_states(accelerator: Accelerator, generator: torch.Generator) -> torch.Tensor:
-    state = generator.get_state()
+def _gather_rows(accelerator: Accelerator, row: torch.Tensor) -> torch.Tensor:
+    """Every process's ``row``, stacked in rank order, on the CPU."""
     if accelerator.num_processes == 1:
-        return state[None]
-    return accelerator.gather(state.to(accelerator.device)[None]).cpu()
+        return row[None].cpu()
+    return accelerator.gather(row.to(accelerator.device)[None]).cpu()
+
+
+def _float_buffers(nets) -> list[torch.Tensor]:
+    return [buffer for buffer in nets.buffers() if buffer.is_floating_point()]
+
+
+def _process_state(accelerator: Accelerator, nets, tracker: LossTracker, own_buffers: bool) -> dict:
+    """What each process goes on with that the shared weights do not hold: its
+    loss sums since the last log step (a stop between log steps would
+    otherwise log a mean over fewer steps), and with ``own_buffers`` its
+    batch-norm statistics, which differ across processes between the
+    averagings at the scheduled checkpoints."""
+    state = {"loss_sums": [{"names": list(names), "sums": _gather_rows(accelerator, sums), "count": count}
+                           for names, sums, count in tracker.partial_sums()]}
+    if own_buffers:
+        # float64 holds every buffer dtype exactly.
+        state["buffers"] = _gather_rows(accelerator, torch.cat(
+            [buffer.detach().flatten().double() for buffer in _float_buffers(nets)]))
+    return state
+
+
+def _restore_process_state(state: dict, accelerator: Accelerator, nets, tracker: LossTracker) -> None:
+    rank = accelerator.process_index
+    for entry in state.get("loss_sums", []):
+        if len(entry["sums"]) == accelerator.num_processes:
+            tracker.restore(tuple(entry["names"]), entry["sums"][rank], entry["count"])
+    rows = state.get("buffers")
+    if rows is not None and len(rows) == accelerator.num_processes:
+        buffers = _float_buffers(nets)
+        values = rows[rank].split([buffer.numel() for buffer in buffers])
+        for buffer, value in zip(buffers, values):
+            buffer.copy_(value.view_as(buffer))
 
 
 def _average_buffers(accelerator: Accelerator, nets) -> None:
@@ -105,22 +137,22 @@ def _average_buffers(accelerator: Accelerator, nets) -> None:
     update each rank's statistics locally."""
     if accelerator.num_processes == 1:
         return
-    for buffer in nets.buffers():
-        if buffer.is_floating_point():
-            torch.distributed.all_reduce(buffer)
-            buffer /= accelerator.num_processes
+    for buffer in _float_buffers(nets):
+        torch.distributed.all_reduce(buffer)
+        buffer /= accelerator.num_processes
 
 
-def _checkpoint_state(config, nets, optimizers, step, generator_states, run_seconds) -> dict:
+def _checkpoint_state(config, nets, optimizers, step, generator_states, processes,
+                      run_seconds) -> dict:
     rng = {"generators": generator_states, "torch": torch.get_rng_state()}
     return {"format": checkpoint.FORMAT_VERSION, "config": to_dict(config), "step": step,
             "train_seconds": run_seconds,
             "networks": nets.state_dict(),
             "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-            "rng": rng}
+            "rng": rng, "processes": processes}
 
 
-def _restore(state: dict, changes: dict, nets, optimizers, generator, accelerator,
+def _restore(state: dict, changes: dict, nets, optimizers, generator, tracker, accelerator,
              path) -> tuple[int, float | None]:
     """The step to go on from and the run's training seconds up to it (None
     from a checkpoint written before daae recorded them). ``changes``: the
@@ -165,6 +197,8 @@ def _restore(state: dict, changes: dict, nets, optimizers, generator, accelerato
         log.warning("checkpoint has %d random streams for %d processes; reseeding",
                     len(states), accelerator.num_processes)
     torch.set_rng_state(state["rng"]["torch"])
+    # Absent from checkpoints written before it: the loss means then restart at the resume.
+    _restore_process_state(state.get("processes", {}), accelerator, nets, tracker)
     return int(state["step"]), state.get("train_seconds")
 
 
@@ -209,13 +243,14 @@ def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, data, set
     # its last checkpoint (steps after it are trained again, and timed again).
     step, earlier_seconds = 0, 0.0
     ckpt_path = checkpoint.checkpoint_path(run_dir)
+    tracker = LossTracker(device)
     if resume is not None:
         state = checkpoint.load(ckpt_path)
         changes = config_changes(state.get("config", {}), config)
         refuse_split_changes(changes, f"{ckpt_path} does not fit this resume",
                              "which a run keeps: resume without changing them, or start a new run")
-        step, earlier_seconds = _restore(state, changes, nets, optimizers, generator, accelerator,
-                                         ckpt_path)
+        step, earlier_seconds = _restore(state, changes, nets, optimizers, generator, tracker,
+                                         accelerator, ckpt_path)
         del state  # the weights are in the networks now; no second copy for the whole run
         log.info("resumed %s at step %d%s", run_dir, step, "".join(
             f"; {key}: {json.dumps(before)} -> {json.dumps(after)}"
@@ -236,7 +271,6 @@ def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, data, set
         # checkpoint, which this one logs again.
         writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resume is not None else None)
     grid_images = to_float(data.validation.images[:8]).to(device)
-    tracker = LossTracker(device)
     images_per_step = 2 * config.train.batch_size * accelerator.num_processes
 
     def run_seconds(seconds: float) -> float | None:
@@ -246,10 +280,16 @@ def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, data, set
     def save_checkpoint(seconds: float):
         """``seconds``: this process's training time up to the step saved."""
         tracker.check()
+        # Read before the averaging: where the uninterrupted run would not
+        # average (a stop, or the end, off the evaluation and checkpoint
+        # steps), each process goes on with its own statistics.
+        own_buffers = (accelerator.num_processes > 1 and step % config.run.eval_every != 0
+                       and step % config.run.checkpoint_every != 0)
+        processes = _process_state(accelerator, nets, tracker, own_buffers)
         _average_buffers(accelerator, nets)
-        states = _gather_generator_states(accelerator, generator)
+        states = _gather_rows(accelerator, generator.get_state())
         if main:
-            checkpoint.save_atomic(_checkpoint_state(config, nets, optimizers, step, states,
+            checkpoint.save_atomic(_checkpoint_state(config, nets, optimizers, step, states, processes,
                                                      run_seconds(seconds)), ckpt_path)
             if hooks.on_checkpoint:
                 hooks.on_checkpoint(step, ckpt_path)

@@ -303,6 +303,36 @@ def test_a_run_stopped_by_a_signal_checkpoints_there_and_resumes(tmp_path, monke
     assert checkpoint.load(tmp_path / "r")["step"] == 20
 
 
+def test_a_stop_between_log_steps_resumes_the_loss_means_as_the_straight_run_logs_them(tmp_path,
+                                                                                    monkeypatch):
+    import os
+    import signal
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from daae.cli import main
+
+    def ctrl_c(run):  # while step 7 runs: steps 6 and 7 are summed, not yet logged
+        os.kill(os.getpid(), signal.SIGINT)
+        return run()
+
+    command = ["train", "--config", str(SMOKE), f"run.dir={tmp_path}", "run.progress_bar=false",
+               "train.max_steps=15", "run.log_every=5", "eval.final_test=false", "eval.probe_epochs=1"]
+    assert main([*command, "run.name=straight"]) == 0
+    with monkeypatch.context() as patch:
+        around_iteration(patch, 7, ctrl_c)
+        assert main([*command, "run.name=split"]) == 130
+    assert main(["train", "--resume", str(tmp_path / "split")]) == 0
+    logged = {}
+    for name in ("straight", "split"):
+        events = EventAccumulator(str(tmp_path / name))
+        events.Reload()
+        logged[name] = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+                        for tag in events.Tags()["scalars"] if tag.startswith("loss/")}
+    assert logged["split"] == logged["straight"]
+    assert [step for step, _ in logged["straight"]["loss/reconstruction"]] == [5, 10, 15]
+
+
 @pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
 def test_a_stop_signal_is_noted_and_a_second_one_stops_at_once(name):
     # SIGTERM is what SLURM's preemption and `kill` send: noted like Ctrl-C.
