@@ -186,10 +186,29 @@ def test_nothing_in_a_config_string_is_evaluated(tmp_path):
     ({"seeds": [0, 1], "scheduler": {"kind": "none"}, "arms": {"a": {"seed": 3}, "b": {"seed": 4}}},
      "seeds: arms 'a' and arms 'b' also set 'seed'"),
     ({"name": "a/b"}, "plain folder name"),
+    # ASHA would stop every trial at max_t, before its final evaluation.
+    ({"scheduler": {"kind": "asha", "grace_period": 20, "max_t": 40}},
+     r"scheduler.max_t \(40\) is below train.max_steps \(60, from the base config.*raise "
+     r"scheduler.max_t to 60"),
+    ({"scheduler": {"kind": "asha", "grace_period": 20, "max_t": 60},
+      "arms": {"long": {"train.max_steps": 120}, "short": {}}},
+     r"scheduler.max_t \(60\) is below train.max_steps \(120, from arms 'long'\)"),
+    ({"scheduler": {"kind": "asha", "grace_period": 20, "max_t": 60},
+      "space": {"train.max_steps": {"choice": [40, 90, 80]}}},
+     r"scheduler.max_t \(60\) is below train.max_steps \(90, from space 'train.max_steps'\)"),
 ])
 def test_bad_search_fails_naming_the_problem(changes, message):
     with pytest.raises(SearchError, match=message):
         parse(smoke_values(**changes))
+
+
+def test_check_refuses_a_max_t_that_stops_trials_before_their_end(caplog):
+    assert tune_main(["--check", "--config", str(SMOKE), "overrides.train.max_steps=40",
+                      "scheduler.max_t=20"]) == 2
+    assert "scheduler.max_t (20) is below train.max_steps (40" in caplog.text
+    # Shorter trials than max_t finish before ASHA's last rung.
+    assert load_search(SMOKE, ["scheduler.max_t=60", "arms.short.train.max_steps=40",
+                               "arms.full.run.log_every=20"]).asha_max_t() == 60
 
 
 def test_bad_search_is_a_user_error_on_the_command_line(tmp_path, caplog):
