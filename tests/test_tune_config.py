@@ -196,6 +196,10 @@ def test_nothing_in_a_config_string_is_evaluated(tmp_path):
     ({"scheduler": {"kind": "asha", "grace_period": 20, "max_t": 60},
       "space": {"train.max_steps": {"choice": [40, 90, 80]}}},
      r"scheduler.max_t \(60\) is below train.max_steps \(90, from space 'train.max_steps'\)"),
+    # Null for a section would put all of it back to the trainer's defaults.
+    ({"overrides": {"train": None}}, "overrides: 'train' is null, .*reset.*give its keys"),
+    ({"arms": {"lower_lr": {"train": None}, "base": {}}},
+     "arms 'lower_lr': 'train' is null, .*reset.*give its keys"),
 ])
 def test_bad_search_fails_naming_the_problem(changes, message):
     with pytest.raises(SearchError, match=message):
@@ -209,6 +213,22 @@ def test_check_refuses_a_max_t_that_stops_trials_before_their_end(caplog):
     # Shorter trials than max_t finish before ASHA's last rung.
     assert load_search(SMOKE, ["scheduler.max_t=60", "arms.short.train.max_steps=40",
                                "arms.full.run.log_every=20"]).asha_max_t() == 60
+
+
+def test_a_section_left_with_its_keys_commented_out_is_refused(tmp_path):
+    search = tmp_path / "search.yaml"
+    search.write_text(f"base: {ROOT / 'configs' / 'smoke.yaml'}\n"
+                      f"scheduler: {{kind: none}}\n"
+                      f"overrides:\n  train:\n    # lr: 0.001\n")
+    with pytest.raises(SearchError, match="overrides: 'train' is null, which would reset"):
+        load_search(search)
+    with pytest.raises(SearchError, match="overrides: 'train' is null"):
+        load_search(SMOKE, ["overrides.train=null"])
+    with pytest.raises(SearchError, match="arms 'a': 'eval' is null"):
+        load_search(SMOKE, ["arms.a.eval=null"])
+    # A null leaf is a value: the run's length then follows from train.epochs.
+    assert load_search(SMOKE, ["overrides.train.max_steps=null", "scheduler.kind=none"]
+                       ).trainer_config({}).train.max_steps is None
 
 
 def test_bad_search_is_a_user_error_on_the_command_line(tmp_path, caplog):

@@ -257,6 +257,18 @@ def _trainer_hint(dotted: str) -> Any:
     return cls
 
 
+def _refuse_section_resets(where: str, mapping: dict) -> None:
+    """A null for a whole section would put all of it back to the trainer's
+    defaults, what a YAML section with every key commented out (``train:``)
+    reads as; a null leaf (``train.max_steps: null``) is a value."""
+    for key, value in mapping.items():
+        if value is None and dataclasses.is_dataclass(_trainer_hint(key)):
+            raise SearchError(f"{where}: '{key}' is null, which would reset the whole '{key}' "
+                              f"section to the trainer's defaults (a section whose keys are all "
+                              f"commented out reads so); give its keys ({key}.KEY: VALUE) or "
+                              f"remove it")
+
+
 def _plain_values(values: dict) -> None:
     """Command-line values as plain data, read by the type of their trainer key."""
     values["overrides"] = {k: command_line_value(v, _trainer_hint(k))
@@ -292,6 +304,9 @@ def parse_search(values: dict, *, folder: Path = Path("."), cli: list[str] = (),
     _plain_values(values)
     # Again: `overrides.eval={final_test: true}` on the command line is a section too.
     values["overrides"] = _dotted_mapping("overrides", values["overrides"])
+    _refuse_section_resets("overrides", values["overrides"])
+    for name, arm in values["arms"].items():
+        _refuse_section_resets(f"arms '{name}'", arm)
     search = build(SearchFile, values)
     if search.base is None:
         raise SearchError("base: a search needs a trainer config (a path or a mapping)")
