@@ -231,6 +231,16 @@ def test_a_section_left_with_its_keys_commented_out_is_refused(tmp_path):
                        ).trainer_config({}).train.max_steps is None
 
 
+@pytest.mark.parametrize("metric", ["y_marginal_entropy", "z_std", "z_mean"])
+def test_a_search_ranks_only_on_metrics_in_0_1(metric):
+    # Scored value - 1 - distance, a trial that misses the target stays below
+    # every trial that meets it only for metrics in [0, 1]; log K, z's spread do not.
+    with pytest.raises(SearchError, match=f"metric: '{metric}' is not bounded to \\[0, 1\\].*; "
+                                          f"rank on one of accuracy, .*recon_mse"):
+        parse(smoke_values(metric=metric))
+    assert parse(smoke_values(metric="recon_mse", mode="min")).file.metric == "recon_mse"
+
+
 def test_bad_search_is_a_user_error_on_the_command_line(tmp_path, caplog):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(smoke_values(space={"loss.nope": {"choice": [1.0]}})))

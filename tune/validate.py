@@ -5,7 +5,7 @@ from __future__ import annotations
 from daae.config import CLASS_MAP_KEYS, CLASS_MAP_METRICS
 from daae.schema import ConfigError
 
-from .objective import FINAL_ONLY_METRICS, TARGETABLE_METRICS, VALIDATION_METRICS
+from .objective import FINAL_ONLY_METRICS, RANKABLE_METRICS, TARGETABLE_METRICS, VALIDATION_METRICS
 from .space import SearchError
 from .spec import ARM_KEY, RESERVED_KEYS, SEED_KEY, Resources, SearchSpec
 
@@ -47,6 +47,10 @@ def validate(spec: SearchSpec) -> None:
     if f.metric not in VALIDATION_METRICS:
         raise SearchError(f"metric: nothing reports '{f.metric}'; the validation metrics are "
                           f"{', '.join(VALIDATION_METRICS)}")
+    if f.metric not in RANKABLE_METRICS:
+        raise SearchError(f"metric: '{f.metric}' is not bounded to [0, 1], so a trial that misses the "
+                          f"target could outscore one that meets it; rank on one of "
+                          f"{', '.join(RANKABLE_METRICS)}")
     if f.mode not in ("max", "min"):
         raise SearchError(f"mode: expected max or min, got '{f.mode}'")
     for name in f.target.metrics:
