@@ -200,6 +200,9 @@ def test_nothing_in_a_config_string_is_evaluated(tmp_path):
     ({"overrides": {"train": None}}, "overrides: 'train' is null, .*reset.*give its keys"),
     ({"arms": {"lower_lr": {"train": None}, "base": {}}},
      "arms 'lower_lr': 'train' is null, .*reset.*give its keys"),
+    ({"arms": {True: {}, False: {"loss.decorrelation": 0.0}}}, "arm name True is not text.*quote"),
+    ({"arms": {"a/b": {}, "c": {}}}, "arms: 'a/b' must be a non-empty name without '/'"),
+    ({"arms": {"": {}, "c": {}}}, "arms: '' must be a non-empty name"),
 ])
 def test_bad_search_fails_naming_the_problem(changes, message):
     with pytest.raises(SearchError, match=message):
@@ -239,6 +242,16 @@ def test_a_search_ranks_only_on_metrics_in_0_1(metric):
                                           f"rank on one of accuracy, .*recon_mse"):
         parse(smoke_values(metric=metric))
     assert parse(smoke_values(metric="recon_mse", mode="min")).file.metric == "recon_mse"
+
+
+def test_unquoted_on_and_off_arms_are_refused_naming_the_quote(tmp_path):
+    search = tmp_path / "search.yaml"
+    search.write_text(f"base: {ROOT / 'configs' / 'smoke.yaml'}\nscheduler: {{kind: none}}\n"
+                      f"arms:\n  on: {{}}\n  off: {{loss.decorrelation: 0.0}}\n")
+    with pytest.raises(SearchError, match=r"arms: the arm name True is not text.*quote the name"):
+        load_search(search)
+    search.write_text(search.read_text().replace("  on:", "  'on':").replace("  off:", "  'off':"))
+    assert list(load_search(search, ["arms.off.loss.decorrelation=0.1"]).arms) == ["on", "off"]
 
 
 def test_bad_search_is_a_user_error_on_the_command_line(tmp_path, caplog):

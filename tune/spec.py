@@ -299,7 +299,14 @@ def parse_search(values: dict, *, folder: Path = Path("."), cli: list[str] = (),
     arms = values.get("arms") or {}
     if not isinstance(arms, dict):
         raise SearchError(f"arms: expected a mapping of arm name -> dotted overrides, got {arms!r}")
-    values["arms"] = {str(name): _dotted_mapping(f"arms.{name}", arm) for name, arm in arms.items()}
+    for name in arms:
+        if not isinstance(name, str):
+            # YAML 1.1 reads an unquoted on/off/yes/no as a boolean: `off:` would be an arm
+            # 'False', and arms.off.KEY=V on the command line a new arm beside it.
+            raise SearchError(f"arms: the arm name {name!r} is not text: YAML reads an unquoted "
+                              f"on, yes or true as True, off, no or false as False, and digits "
+                              f"as a number; quote the name in the YAML ('off': ...)")
+    values["arms"] = {name: _dotted_mapping(f"arms.{name}", arm) for name, arm in arms.items()}
     _apply_cli(values, list(cli))
     _plain_values(values)
     # Again: `overrides.eval={final_test: true}` on the command line is a section too.

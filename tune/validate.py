@@ -42,6 +42,11 @@ def validate(spec: SearchSpec) -> None:
     f = spec.file
     if not f.name or "/" in f.name or f.name.startswith("."):
         raise SearchError(f"name: '{f.name}' must be a plain folder name")
+    for arm in spec.arms:
+        # Each arm names its trials' folders (Ray refuses a '/'), and tells them apart.
+        if not arm or "/" in arm:
+            raise SearchError(f"arms: '{arm}' must be a non-empty name without '/' (it names each "
+                              f"trial's folder); rename the arm")
     if f.num_samples < 1:
         raise SearchError(f"num_samples: must be at least 1, got {f.num_samples}")
     if f.metric not in VALIDATION_METRICS:
