@@ -1,4 +1,5 @@
 """Search YAML parsing and validation, and the objective: no Ray, no training."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -252,6 +253,17 @@ def test_unquoted_on_and_off_arms_are_refused_naming_the_quote(tmp_path):
         load_search(search)
     search.write_text(search.read_text().replace("  on:", "  'on':").replace("  off:", "  'off':"))
     assert list(load_search(search, ["arms.off.loss.decorrelation=0.1"]).arms) == ["on", "off"]
+
+
+@pytest.mark.parametrize("text, fix", [("arms=null", "arms.NAME.KEY=VALUE"), ("arms={}", "arms.NAME.KEY"),
+                                       ("space=null", "space.KEY="),
+                                       ("overrides=null", "overrides.KEY=VALUE"),
+                                       ("overrides=[train.lr=0.1]", "overrides.KEY=VALUE")])
+def test_a_whole_trainer_key_mapping_on_the_command_line_is_refused(text, fix):
+    values = smoke_values(scheduler={"kind": "none"}, arms={"a": {}, "b": {"loss.decorrelation": 0.0}})
+    with pytest.raises(SearchError, match=f"override '{re.escape(text)}': .* not the whole mapping; "
+                                          f"write {re.escape(fix)}.*or edit the search YAML"):
+        parse(values, [text])
 
 
 def test_bad_search_is_a_user_error_on_the_command_line(tmp_path, caplog):

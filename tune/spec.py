@@ -218,11 +218,21 @@ def _dotted_mapping(where: str, value: Any, leaves_are_specs: bool = False) -> d
     return out
 
 
+WHOLE_MAPPINGS = {"overrides": "overrides.KEY=VALUE", "space": "space.KEY={choice: [...]}",
+                  "arms": "arms.NAME.KEY=VALUE"}
+
+
 def _apply_cli(values: dict, overrides: list[str]) -> None:
     """``key=value`` on the search YAML's own keys. ``overrides.``, ``space.``
     and ``arms.NAME.`` prefixes reach into the trainer-key mappings."""
     for text in overrides:
         key, value = parse_override(text)
+        if key in WHOLE_MAPPINGS:
+            # Replacing the whole mapping would drop the YAML's entries unseen (or,
+            # with null or {}, keep them all); entries are set one by one.
+            raise SearchError(f"override '{text}': the command line sets entries of '{key}', not "
+                              f"the whole mapping; write {WHOLE_MAPPINGS[key]}, or edit the "
+                              f"search YAML")
         if key.startswith(("overrides.", "space.")):
             section, rest = key.split(".", 1)
             values[section][rest] = value
