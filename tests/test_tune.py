@@ -146,6 +146,23 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
         assert (experiment / name / "result.json").read_text() == before  # not run again
 
 
+def test_a_search_moved_while_interrupted_resumes_its_trials_still_to_create(ray_session, tmp_path):
+    # Held back by max_concurrent_trials, the second trial did not exist at the
+    # interrupt: Tune's searcher creates it on the resume, with the storage it saved.
+    rc = tune_main(["--config", SMOKE, f"storage_path={tmp_path / 'before'}", "num_samples=2", *FIXED,
+                    "space.loss.decorrelation={choice: [0.5]}", "overrides.train.max_steps=20",
+                    "overrides.eval.probe_train_size=500", "scheduler.kind=none", "max_concurrent_trials=1",
+                    "fault_injection.interrupt_after_trials=1"])
+    assert rc == 1 and len(trial_dirs(tmp_path / "before" / "smoke")) == 1
+    (tmp_path / "after").mkdir()
+    experiment = (tmp_path / "before" / "smoke").rename(tmp_path / "after" / "smoke")
+
+    assert tune_main(["--resume", str(experiment)]) == 0
+    rows = read_rows(experiment)
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
+    assert list((tmp_path / "before").iterdir()) == []  # nothing written where it was
+
+
 def test_a_resume_of_an_edited_search_file_is_refused_and_loses_nothing(ray_session, tmp_path, caplog):
     # Tune resumes the trials it drew: with an arm gone from search.yaml the
     # trial of that arm failed on every try (forever under max_failures: -1).

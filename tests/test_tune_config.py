@@ -1,4 +1,5 @@
 """Search YAML parsing and validation, and the objective: no Ray, no training."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -186,10 +187,83 @@ def test_nothing_in_a_config_string_is_evaluated(tmp_path):
     ({"seeds": [0, 1], "scheduler": {"kind": "none"}, "arms": {"a": {"seed": 3}, "b": {"seed": 4}}},
      "seeds: arms 'a' and arms 'b' also set 'seed'"),
     ({"name": "a/b"}, "plain folder name"),
+    # ASHA would stop every trial at max_t, before its final evaluation.
+    ({"scheduler": {"kind": "asha", "grace_period": 20, "max_t": 40}},
+     r"scheduler.max_t \(40\) is below train.max_steps \(60, from the base config.*raise "
+     r"scheduler.max_t to 60"),
+    ({"scheduler": {"kind": "asha", "grace_period": 20, "max_t": 60},
+      "arms": {"long": {"train.max_steps": 120}, "short": {}}},
+     r"scheduler.max_t \(60\) is below train.max_steps \(120, from arms 'long'\)"),
+    ({"scheduler": {"kind": "asha", "grace_period": 20, "max_t": 60},
+      "space": {"train.max_steps": {"choice": [40, 90, 80]}}},
+     r"scheduler.max_t \(60\) is below train.max_steps \(90, from space 'train.max_steps'\)"),
+    # Null for a section would put all of it back to the trainer's defaults.
+    ({"overrides": {"train": None}}, "overrides: 'train' is null, .*reset.*give its keys"),
+    ({"arms": {"lower_lr": {"train": None}, "base": {}}},
+     "arms 'lower_lr': 'train' is null, .*reset.*give its keys"),
+    ({"arms": {True: {}, False: {"loss.decorrelation": 0.0}}}, "arm name True is not text.*quote"),
+    ({"arms": {"a/b": {}, "c": {}}}, "arms: 'a/b' must be a non-empty name without '/'"),
+    ({"arms": {"": {}, "c": {}}}, "arms: '' must be a non-empty name"),
 ])
 def test_bad_search_fails_naming_the_problem(changes, message):
     with pytest.raises(SearchError, match=message):
         parse(smoke_values(**changes))
+
+
+def test_check_refuses_a_max_t_that_stops_trials_before_their_end(caplog):
+    assert tune_main(["--check", "--config", str(SMOKE), "overrides.train.max_steps=40",
+                      "scheduler.max_t=20"]) == 2
+    assert "scheduler.max_t (20) is below train.max_steps (40" in caplog.text
+    # Shorter trials than max_t finish before ASHA's last rung.
+    assert load_search(SMOKE, ["scheduler.max_t=60", "arms.short.train.max_steps=40",
+                               "arms.full.run.log_every=20"]).asha_max_t() == 60
+
+
+def test_a_section_left_with_its_keys_commented_out_is_refused(tmp_path):
+    search = tmp_path / "search.yaml"
+    search.write_text(f"base: {ROOT / 'configs' / 'smoke.yaml'}\n"
+                      f"scheduler: {{kind: none}}\n"
+                      f"overrides:\n  train:\n    # lr: 0.001\n")
+    with pytest.raises(SearchError, match="overrides: 'train' is null, which would reset"):
+        load_search(search)
+    with pytest.raises(SearchError, match="overrides: 'train' is null"):
+        load_search(SMOKE, ["overrides.train=null"])
+    with pytest.raises(SearchError, match="arms 'a': 'eval' is null"):
+        load_search(SMOKE, ["arms.a.eval=null"])
+    # A null leaf is a value: the run's length then follows from train.epochs.
+    assert load_search(SMOKE, ["overrides.train.max_steps=null", "scheduler.kind=none"]
+                       ).trainer_config({}).train.max_steps is None
+
+
+@pytest.mark.parametrize("metric", ["y_marginal_entropy", "z_std", "z_mean"])
+def test_a_search_ranks_only_on_metrics_in_0_1(metric):
+    # Scored value - 1 - distance, a trial that misses the target stays below
+    # every trial that meets it only for metrics in [0, 1]; log K, z's spread do not.
+    with pytest.raises(SearchError, match=f"metric: '{metric}' is not bounded to \\[0, 1\\].*; "
+                                          f"rank on one of accuracy, .*recon_mse"):
+        parse(smoke_values(metric=metric))
+    assert parse(smoke_values(metric="recon_mse", mode="min")).file.metric == "recon_mse"
+
+
+def test_unquoted_on_and_off_arms_are_refused_naming_the_quote(tmp_path):
+    search = tmp_path / "search.yaml"
+    search.write_text(f"base: {ROOT / 'configs' / 'smoke.yaml'}\nscheduler: {{kind: none}}\n"
+                      f"arms:\n  on: {{}}\n  off: {{loss.decorrelation: 0.0}}\n")
+    with pytest.raises(SearchError, match=r"arms: the arm name True is not text.*quote the name"):
+        load_search(search)
+    search.write_text(search.read_text().replace("  on:", "  'on':").replace("  off:", "  'off':"))
+    assert list(load_search(search, ["arms.off.loss.decorrelation=0.1"]).arms) == ["on", "off"]
+
+
+@pytest.mark.parametrize("text, fix", [("arms=null", "arms.NAME.KEY=VALUE"), ("arms={}", "arms.NAME.KEY"),
+                                       ("space=null", "space.KEY="),
+                                       ("overrides=null", "overrides.KEY=VALUE"),
+                                       ("overrides=[train.lr=0.1]", "overrides.KEY=VALUE")])
+def test_a_whole_trainer_key_mapping_on_the_command_line_is_refused(text, fix):
+    values = smoke_values(scheduler={"kind": "none"}, arms={"a": {}, "b": {"loss.decorrelation": 0.0}})
+    with pytest.raises(SearchError, match=f"override '{re.escape(text)}': .* not the whole mapping; "
+                                          f"write {re.escape(fix)}.*or edit the search YAML"):
+        parse(values, [text])
 
 
 def test_bad_search_is_a_user_error_on_the_command_line(tmp_path, caplog):

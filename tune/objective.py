@@ -15,6 +15,12 @@ MAPPED_METRICS = CLASS_MAPPED_METRICS
 VALIDATION_METRICS = ("accuracy", "adversary_accuracy", "probe_accuracy",
                       "linear_probe_accuracy", *MAPPED_METRICS, "recon_mse", "z_mean", "z_std",
                       "y_marginal_entropy", "labelled_accuracy", "cluster_accuracy")
+# What a search may rank on: the metrics that lie in [0, 1] (accuracies, and
+# the reconstruction's mean squared error of images and sigmoid outputs in
+# [0, 1]), for which a trial that misses the target, scored ``value - 1 -
+# distance``, stays below every trial that meets it.
+RANKABLE_METRICS = ("accuracy", "adversary_accuracy", "probe_accuracy", "linear_probe_accuracy",
+                    *MAPPED_METRICS, "recon_mse", "labelled_accuracy", "cluster_accuracy")
 # The probes are trained only in the final evaluation unless
 # eval.probes_during_training=true, so intermediate reports lack them.
 FINAL_ONLY_METRICS = ("probe_accuracy", "linear_probe_accuracy", *MAPPED_METRICS)
@@ -52,7 +58,8 @@ class Objective:
         The distance is how far the target metrics lie outside the tolerance
         band around chance, summed. A trial that misses the target scores
         ``value - 1 - distance``: below every feasible trial for a metric in
-        [0, 1], and the nearer the target, the higher among the infeasible.
+        [0, 1] (validation allows only those, RANKABLE_METRICS), and the
+        nearer the target, the higher among the infeasible.
         Only target metrics present count, so an intermediate report (no
         probes yet) is judged on the adversary alone. The class-whitened
         and class-Gaussianized probes are the exception: absent where the

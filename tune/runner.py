@@ -17,7 +17,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from .space import SearchError
 from .spec import ARM_KEY, SAMPLE_KEY, SEARCH_FILE, SEED_KEY, SearchSpec, parse_search
-from .storage import exists, is_remote, read_text, write_text
+from .storage import exists, is_remote, names, read_bytes, read_text, write_bytes, write_text
 from .trial import TrialSetup, run_trial, trial_dirname
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,11 @@ class InterruptAfter(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finished += 1
-        if self.finished >= self.after_trials and not exists(self.marker):
-            write_text(self.marker, "interrupted\n")
+        # Once per folder, wherever it has moved to since this callback was pickled.
+        marker = (self.marker if is_remote(self.marker)
+                  else f"{trial.storage.experiment_fs_path}/{INTERRUPT_MARKER}")
+        if self.finished >= self.after_trials and not exists(marker):
+            write_text(marker, "interrupted\n")
             log.warning("fault_injection.interrupt_after_trials: interrupting the search")
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -259,6 +262,40 @@ def _check_unchanged(path: str, saved: dict, started: dict) -> None:
             f"search")
 
 
+# What Tune's BasicVariantGenerator saves its state as (cloudpickle, despite the name).
+SEARCHER_STATE = "basic-variant-state-*.json"
+
+
+def _repoint_searcher(path: str) -> None:
+    """Tune points the trials it restores at the folder resumed from, but the
+    trials its searcher has still to create (held back by max_concurrent_trials)
+    take the storage saved in the searcher's state: after a move each would
+    fail to set up storage at the old place. The state is pointed at ``path``,
+    as Tune's TuneController._restore_trials does for its trials."""
+    import ray.cloudpickle as cloudpickle
+    from ray.train._internal.storage import get_fs_and_path
+
+    storage_path, name = path.rsplit("/", 1)
+    fs, fs_path = get_fs_and_path(storage_path)
+    fs_path = Path(fs_path).as_posix()
+    for state_name in names(path, SEARCHER_STATE):
+        state_file = f"{path}/{state_name}"
+        state = cloudpickle.loads(read_bytes(state_file))
+        try:
+            storages = [iterator.unresolved_spec["storage"] for iterator in state["_iterators"]]
+            moved = [s for s in storages if (s.storage_fs_path, s.experiment_dir_name) != (fs_path, name)]
+        except (AttributeError, KeyError, TypeError):
+            raise SearchError(f"{state_file}: this Ray saves its searcher's state in a form daae "
+                              f"does not know, so a moved search cannot be pointed at {path}; "
+                              f"resume it from where it was started") from None
+        if moved:
+            for storage in moved:
+                storage.storage_filesystem, storage.storage_fs_path = fs, fs_path
+                storage.experiment_dir_name = name
+            write_bytes(state_file, cloudpickle.dumps(state))
+            log.info("the search moved: its searcher's saved state now points at %s", path)
+
+
 def resume_search(path: str, *, address: Optional[str] = None) -> Outcome:
     """Continue an interrupted search: unfinished and errored trials resume
     from their last checkpoints, finished ones are kept as they are."""
@@ -268,6 +305,7 @@ def resume_search(path: str, *, address: Optional[str] = None) -> Outcome:
         if not tune.Tuner.can_restore(spec.experiment_path):
             raise SearchError(f"{spec.experiment_path} holds no Tune experiment state to resume "
                               f"(did the search start any trial?)")
+        _repoint_searcher(spec.experiment_path)
         experiment_dir = None if is_remote(spec.experiment_path) else spec.experiment_path
         tuner = tune.Tuner.restore(spec.experiment_path,
                                    trainable=build_trainable(spec, experiment_dir),

@@ -218,11 +218,21 @@ def _dotted_mapping(where: str, value: Any, leaves_are_specs: bool = False) -> d
     return out
 
 
+WHOLE_MAPPINGS = {"overrides": "overrides.KEY=VALUE", "space": "space.KEY={choice: [...]}",
+                  "arms": "arms.NAME.KEY=VALUE"}
+
+
 def _apply_cli(values: dict, overrides: list[str]) -> None:
     """``key=value`` on the search YAML's own keys. ``overrides.``, ``space.``
     and ``arms.NAME.`` prefixes reach into the trainer-key mappings."""
     for text in overrides:
         key, value = parse_override(text)
+        if key in WHOLE_MAPPINGS:
+            # Replacing the whole mapping would drop the YAML's entries unseen (or,
+            # with null or {}, keep them all); entries are set one by one.
+            raise SearchError(f"override '{text}': the command line sets entries of '{key}', not "
+                              f"the whole mapping; write {WHOLE_MAPPINGS[key]}, or edit the "
+                              f"search YAML")
         if key.startswith(("overrides.", "space.")):
             section, rest = key.split(".", 1)
             values[section][rest] = value
@@ -257,6 +267,18 @@ def _trainer_hint(dotted: str) -> Any:
     return cls
 
 
+def _refuse_section_resets(where: str, mapping: dict) -> None:
+    """A null for a whole section would put all of it back to the trainer's
+    defaults, what a YAML section with every key commented out (``train:``)
+    reads as; a null leaf (``train.max_steps: null``) is a value."""
+    for key, value in mapping.items():
+        if value is None and dataclasses.is_dataclass(_trainer_hint(key)):
+            raise SearchError(f"{where}: '{key}' is null, which would reset the whole '{key}' "
+                              f"section to the trainer's defaults (a section whose keys are all "
+                              f"commented out reads so); give its keys ({key}.KEY: VALUE) or "
+                              f"remove it")
+
+
 def _plain_values(values: dict) -> None:
     """Command-line values as plain data, read by the type of their trainer key."""
     values["overrides"] = {k: command_line_value(v, _trainer_hint(k))
@@ -287,11 +309,21 @@ def parse_search(values: dict, *, folder: Path = Path("."), cli: list[str] = (),
     arms = values.get("arms") or {}
     if not isinstance(arms, dict):
         raise SearchError(f"arms: expected a mapping of arm name -> dotted overrides, got {arms!r}")
-    values["arms"] = {str(name): _dotted_mapping(f"arms.{name}", arm) for name, arm in arms.items()}
+    for name in arms:
+        if not isinstance(name, str):
+            # YAML 1.1 reads an unquoted on/off/yes/no as a boolean: `off:` would be an arm
+            # 'False', and arms.off.KEY=V on the command line a new arm beside it.
+            raise SearchError(f"arms: the arm name {name!r} is not text: YAML reads an unquoted "
+                              f"on, yes or true as True, off, no or false as False, and digits "
+                              f"as a number; quote the name in the YAML ('off': ...)")
+    values["arms"] = {name: _dotted_mapping(f"arms.{name}", arm) for name, arm in arms.items()}
     _apply_cli(values, list(cli))
     _plain_values(values)
     # Again: `overrides.eval={final_test: true}` on the command line is a section too.
     values["overrides"] = _dotted_mapping("overrides", values["overrides"])
+    _refuse_section_resets("overrides", values["overrides"])
+    for name, arm in values["arms"].items():
+        _refuse_section_resets(f"arms '{name}'", arm)
     search = build(SearchFile, values)
     if search.base is None:
         raise SearchError("base: a search needs a trainer config (a path or a mapping)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from daae.config import CLASS_MAP_KEYS, CLASS_MAP_METRICS
 from daae.schema import ConfigError
 
-from .objective import FINAL_ONLY_METRICS, TARGETABLE_METRICS, VALIDATION_METRICS
+from .objective import FINAL_ONLY_METRICS, RANKABLE_METRICS, TARGETABLE_METRICS, VALIDATION_METRICS
 from .space import SearchError
 from .spec import ARM_KEY, RESERVED_KEYS, SEED_KEY, Resources, SearchSpec
 
@@ -42,11 +42,20 @@ def validate(spec: SearchSpec) -> None:
     f = spec.file
     if not f.name or "/" in f.name or f.name.startswith("."):
         raise SearchError(f"name: '{f.name}' must be a plain folder name")
+    for arm in spec.arms:
+        # Each arm names its trials' folders (Ray refuses a '/'), and tells them apart.
+        if not arm or "/" in arm:
+            raise SearchError(f"arms: '{arm}' must be a non-empty name without '/' (it names each "
+                              f"trial's folder); rename the arm")
     if f.num_samples < 1:
         raise SearchError(f"num_samples: must be at least 1, got {f.num_samples}")
     if f.metric not in VALIDATION_METRICS:
         raise SearchError(f"metric: nothing reports '{f.metric}'; the validation metrics are "
                           f"{', '.join(VALIDATION_METRICS)}")
+    if f.metric not in RANKABLE_METRICS:
+        raise SearchError(f"metric: '{f.metric}' is not bounded to [0, 1], so a trial that misses the "
+                          f"target could outscore one that meets it; rank on one of "
+                          f"{', '.join(RANKABLE_METRICS)}")
     if f.mode not in ("max", "min"):
         raise SearchError(f"mode: expected max or min, got '{f.mode}'")
     for name in f.target.metrics:
@@ -139,6 +148,8 @@ def _check_schedule(spec: SearchSpec) -> None:
         raise SearchError(f"scheduler.max_t: set it (in steps): {' and '.join(searched)} set "
                           f"train.max_steps, so ASHA cannot take its rungs' end from it")
     max_t = spec.asha_max_t()
+    if s.max_t is not None:
+        _check_lengths_fit(spec, s.max_t)
     if max_t is None:
         raise SearchError("scheduler.max_t: set it (in steps) or set train.max_steps, so ASHA "
                           "knows where its rungs end")
@@ -152,3 +163,26 @@ def _check_schedule(spec: SearchSpec) -> None:
         raise SearchError(f"scheduler.grace_period ({s.grace_period} steps) is shorter than "
                           f"run.eval_every ({config.run.eval_every}): ASHA would decide before the "
                           f"first evaluation")
+
+
+def _check_lengths_fit(spec: SearchSpec, max_t: int) -> None:
+    # ASHA stops a trial at max_t, before a longer trial's final evaluation:
+    # it would never finish, and the search would have no best config.
+    searched = spec.space.get("train.max_steps")
+    lengths = {}
+    for name in spec.arms or [None]:
+        for value in searched.candidates() if searched else [None]:
+            params = {ARM_KEY: name} if value is None else {ARM_KEY: name, "train.max_steps": value}
+            steps = spec.trainer_config(params).train.max_steps
+            # None: the length follows from the data (train.epochs); only Tune sees it.
+            if steps is not None and steps > max_t:
+                where = ("space 'train.max_steps'" if value is not None
+                         else f"arms '{name}'" if name is not None and "train.max_steps" in spec.arms[name]
+                         else "the base config and overrides")
+                lengths.setdefault(steps, where)
+    if lengths:
+        longest = max(lengths)
+        raise SearchError(f"scheduler.max_t ({max_t}) is below train.max_steps ({longest}, from "
+                          f"{lengths[longest]}): ASHA would stop every such trial at step {max_t}, "
+                          f"before its final evaluation, so none would finish; raise "
+                          f"scheduler.max_t to {longest} or more, or lower train.max_steps")
