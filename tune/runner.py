@@ -285,9 +285,12 @@ def _repoint_searcher(path: str) -> None:
             storages = [iterator.unresolved_spec["storage"] for iterator in state["_iterators"]]
             moved = [s for s in storages if (s.storage_fs_path, s.experiment_dir_name) != (fs_path, name)]
         except (AttributeError, KeyError, TypeError):
-            raise SearchError(f"{state_file}: this Ray saves its searcher's state in a form daae "
-                              f"does not know, so a moved search cannot be pointed at {path}; "
-                              f"resume it from where it was started") from None
+            # A warning, not a refusal: a search that has not moved resumes as Tune restores it.
+            log.warning("%s: this Ray saves its searcher's state in a form daae does not know, so "
+                        "it cannot be pointed at %s; if the search has moved since it started, "
+                        "trials it has still to create will fail: resume it from where it was "
+                        "started", state_file, path)
+            continue
         if moved:
             for storage in moved:
                 storage.storage_filesystem, storage.storage_fs_path = fs, fs_path
