@@ -312,3 +312,16 @@ def test_checker_is_loaded_from_cache_not_retrained(run, checker_dir, monkeypatc
     metrics = generation_consistency(run.nets, run.data, run.config, "cpu", per_class=10,
                                      checker_dir=checker_dir)
     assert 0.0 <= metrics["generation_consistency"] <= 1.0
+
+
+def test_a_checker_cache_that_cannot_be_written_costs_a_warning_not_the_metrics(run, tmp_path,
+                                                                                monkeypatch, caplog):
+    import daae.consistency as consistency
+
+    trained = consistency.Checker(run.data.image_shape[0], run.data.num_classes)
+    monkeypatch.setattr(consistency, "train_checker", lambda *a, **k: (trained, 0.5))
+    (tmp_path / "a_file").write_text("")  # XDG_CACHE_HOME pointing at a plain file
+    model, accuracy = load_checker(run.data, "synthetic", "cpu", directory=tmp_path / "a_file" / "c")
+    assert model is trained and accuracy == 0.5
+    assert "cannot cache the generation checker at " + str(tmp_path / "a_file" / "c") in caplog.text
+    assert "XDG_CACHE_HOME" in caplog.text
