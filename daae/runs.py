@@ -91,18 +91,36 @@ def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
                      for key, (before, now) in changes.items())
 
 
-def record_resume(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+def read_resumes(run_dir: Path, fix: str) -> list[dict]:
+    """The entries of the run's resumes.yaml ([] without one), each a mapping
+    with an integer ``step``; a file that is not so is a ``ConfigError``
+    naming it, ending with ``fix`` (what the caller's command can do about it)."""
+    path = Path(run_dir) / RESUMES_FILE
+    problem = f"{path} should be a list of resumes (step, changed), as daae writes it"
+    try:
+        entries = (yaml.safe_load(path.read_text()) if path.is_file() else None) or []
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{problem}, but it is not valid YAML ({exc}); {fix}") from None
+    if not isinstance(entries, list):
+        raise ConfigError(f"{problem}; {fix}")
+    for entry in entries:
+        if not (isinstance(entry, dict) and isinstance(entry.get("step"), int)
+                and not isinstance(entry["step"], bool)):
+            raise ConfigError(f"{problem}, but it holds {entry!r}, which is not a resume with its step; "
+                              f"{fix}")
+    return entries
+
+
+def record_resume(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]) -> int:
     """Append this resume to the run's resumes.yaml. config.yaml holds only the
     config the run goes on with, so this is where a setting changed mid-run, and
-    the step it changed at, stays on record."""
+    the step it changed at, stays on record. Returns how many resumes it now lists."""
     path = Path(run_dir) / RESUMES_FILE
-    entries = (yaml.safe_load(path.read_text()) if path.is_file() else None) or []
-    if not isinstance(entries, list):
-        raise ConfigError(f"{path} should be a list of resumes (step, changed), as daae writes it; "
-                          f"move it aside to resume this run")
+    entries = read_resumes(run_dir, "move it aside to resume this run")
     entries.append({"step": step, "changed": {
         key: {"from": before, "to": after} for key, (before, after) in changes.items()}})
     atomic_write(path, lambda handle: handle.write(yaml.safe_dump(entries, sort_keys=False)), binary=False)
+    return len(entries)
 
 
 def write_json(data: dict, path: Path) -> None:

@@ -21,10 +21,8 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from .config import CLASS_MAPPED_METRICS, ConfigError
-from .runs import METRICS_FILE, RESUMES_FILE
+from .runs import METRICS_FILE, RESUMES_FILE, read_resumes
 
 # Metrics that runs written before they existed lack (or hold as null): their column reads "–".
 OPTIONAL = {"adversary_floor", "run_train_seconds", *CLASS_MAPPED_METRICS}
@@ -71,26 +69,37 @@ def _read_metrics(run_dir: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run_dir} is not a finished `daae train` run "
                           f"(metrics.json is written at the end of training)")
+    # Only training writes metrics.json (daae eval prints its figures), so a
+    # damaged one comes back only by training the last stretch again.
+    again = (f"resume the run to write it again (daae train --resume {run_dir}), or leave "
+             f"{run_dir} out")
     try:
         metrics = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}): daae eval --checkpoint {run_dir} "
-                          f"--json reads the run's metrics again") from None
-    resumed_at = _last_resume_step(run_dir)
-    # A resume writes resumes.yaml as it starts, metrics.json only as it ends:
-    # until then metrics.json is an earlier stretch's.
-    if (resumed_at is not None and resumed_at >= metrics["step"]
-            and (run_dir / RESUMES_FILE).stat().st_mtime_ns > path.stat().st_mtime_ns):
-        raise ConfigError(f"{run_dir} was resumed at step {resumed_at} and has not finished since: "
-                          f"its metrics.json is from step {metrics['step']}. Wait for it, or read "
-                          f"its evaluations so far with --at STEP or --between FIRST LAST")
+        raise ConfigError(f"{path} is not valid JSON ({exc}): {again}") from None
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{path} holds a {type(metrics).__name__}, not the mapping of metrics "
+                          f"daae train writes: {again}")
+    entries = read_resumes(run_dir, f"restore it, or move it aside to summarize {run_dir} "
+                                    f"without the check that it is not still resuming")
+    if entries and _still_resuming(path, metrics, entries, again):
+        raise ConfigError(f"{run_dir} was resumed at step {entries[-1]['step']} and has not finished "
+                          f"since: its metrics.json is from step {metrics.get('step')}. Wait for it, "
+                          f"or read its evaluations so far with --at STEP or --between FIRST LAST")
     return metrics
 
 
-def _last_resume_step(run_dir: Path) -> int | None:
-    path = run_dir / RESUMES_FILE
-    entries = (yaml.safe_load(path.read_text()) if path.is_file() else None) or []
-    return entries[-1]["step"] if isinstance(entries, list) and entries else None
+def _still_resuming(path: Path, metrics: dict, entries: list[dict], again: str) -> bool:
+    """Whether metrics.json predates the run's last resume: a resume writes
+    resumes.yaml as it starts, metrics.json only as it ends."""
+    counted = metrics.get("resumes")
+    if isinstance(counted, int):  # how many resumes the run had when it wrote metrics.json
+        return counted < len(entries)
+    # A metrics.json from before that count: file times, which a copy may reset.
+    if not isinstance(metrics.get("step"), int):
+        raise ConfigError(f"{path} has no step, which daae train writes: {again}")
+    return (entries[-1]["step"] >= metrics["step"]
+            and (path.parent / RESUMES_FILE).stat().st_mtime_ns > path.stat().st_mtime_ns)
 
 
 def _value(metrics: dict, split, name, scale, path) -> float | None:

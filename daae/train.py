@@ -260,8 +260,11 @@ def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, data, set
     writer = None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # metrics.json records the count, so that `daae summary` can tell a
+        # finished resume from one still running without file times, which a copy resets.
+        resumes = 0
         if resume is not None:  # before config.yaml: a record it cannot extend stops the run first
-            record_resume(run_dir, step, changes)
+            resumes = record_resume(run_dir, step, changes)
         save_config(config, run_dir / CONFIG_FILE)
         # Left by a process killed while it wrote a checkpoint (the lock says none writes now).
         for stale in ckpt_path.parent.glob(f".{ckpt_path.name}.*.tmp"):
@@ -406,7 +409,7 @@ def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, data, set
         write_grids()  # the trained model's, also when the run is shorter than run.eval_every
         if hooks.on_evaluation:
             hooks.on_evaluation(step, result["validation"])
-        write_json(result, run_dir / METRICS_FILE)
+        write_json({**result, "resumes": resumes}, run_dir / METRICS_FILE)
         writer.close()
     accelerator.wait_for_everyone()
     return result

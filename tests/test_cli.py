@@ -53,6 +53,7 @@ def test_resume_continues_from_the_run_folder(trained_run):
     assert main(["train", "--resume", str(trained_run), "train.max_steps=50"]) == 0
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["step"] == 50
+    assert metrics["resumes"] == 1  # resumes.yaml's entries when it was written (daae summary)
 
 
 def test_user_errors_exit_2_with_a_message(tmp_path, caplog):

@@ -7,7 +7,7 @@ from daae.cli import main
 
 
 def _finished_run(folder, accuracy, adversary, *, final_test=True, floor=None, run_seconds=None,
-                  whitened=None):
+                  whitened=None, resumes=None):
     folder.mkdir()
     metrics = {"step": 1500, "epoch": 3.0, "train_seconds": 300.0, "run_train_seconds": run_seconds,
                "validation": {"accuracy": accuracy - 0.01}}
@@ -19,6 +19,8 @@ def _finished_run(folder, accuracy, adversary, *, final_test=True, floor=None, r
         if whitened is not None:
             metrics["test"]["class_whitened_probe_accuracy"] = whitened
             metrics["test"]["class_whitened_linear_probe_accuracy"] = whitened - 0.01
+    if resumes is not None:  # written by daae train since it counts them
+        metrics["resumes"] = resumes
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return str(folder)
 
@@ -120,6 +122,26 @@ def test_summary_refuses_a_run_resumed_past_its_metrics_until_it_finishes(tmp_pa
     later = (tmp_path / "done" / "metrics.json").stat().st_mtime_ns + 10**9
     os.utime(resumes, ns=(later, later))
     assert main(["summary", done]) == 0
+
+
+def test_summary_tells_a_finished_resume_from_a_running_one_in_a_copied_folder(tmp_path, caplog):
+    import os
+
+    def copied(name, counted, newer):
+        """A run resumed once, at step 1500, as `cp -r` may leave it: ``newer``,
+        the file it copied last, has the later time."""
+        run = _finished_run(tmp_path / name, 0.9, 0.1, resumes=counted)
+        (tmp_path / name / "resumes.yaml").write_text("- step: 1500\n  changed: {}\n")
+        later = (tmp_path / name / "metrics.json").stat().st_mtime_ns + 10**9
+        os.utime(tmp_path / name / newer, ns=(later, later))
+        return run
+
+    # Resumed at its last step (to evaluate again) and finished: the copy made
+    # resumes.yaml the newer file.
+    assert main(["summary", copied("finished", 1, "resumes.yaml")]) == 0
+    # Resumed and still running when copied, its metrics.json the newer file.
+    assert main(["summary", copied("running", 0, "metrics.json")]) == 2
+    assert "running was resumed at step 1500 and has not finished since" in caplog.text
 
 
 def _logged_run(folder, accuracy_by_step, adversary=0.12, probes=True, whitened=False):
