@@ -19,6 +19,8 @@ from .models import Networks
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 RESUMES_FILE = "resumes.yaml"
+# Held (flock) by the process training the folder, for as long as it trains.
+LOCK_FILE = ".daae.lock"
 
 # What draws the labelled subset and the validation split: a resume that
 # changed one would train on other labels, and an evaluation would validate on
@@ -89,6 +91,28 @@ def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
     checkpoint; ...", each value as an override would spell it (JSON: false, not False)."""
     return "; ".join(f"{key} is {json.dumps(now)} here, {json.dumps(before)} in the checkpoint"
                      for key, (before, now) in changes.items())
+
+
+def is_training(run_dir: str | Path) -> bool:
+    """Whether a live process holds the run folder's lock (it is training it).
+    Probed with a shared lock taken without waiting and dropped at once, so the
+    trainer is not disturbed; a folder without the lock file, or on a file
+    system without locks, counts as not training."""
+    import fcntl
+
+    try:
+        handle = open(Path(run_dir) / LOCK_FILE, "rb")  # never created here
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 def read_resumes(run_dir: Path, fix: str) -> list[dict]:

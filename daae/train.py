@@ -21,8 +21,8 @@ from .grids import reconstruction_grid, save_png
 from .interrupt import StopRequest, TrainingInterrupted
 from .optimizers import OPTIONAL_OPTIMIZERS, lr_factor, restore_optimizer, set_learning_rates
 from .prepare import make_accelerator, prepare_training
-from .runs import (CONFIG_FILE, METRICS_FILE, config_changes, describe_changes, model_changes,
-                   new_run_dir, record_resume, refuse_split_changes, write_json)
+from .runs import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, config_changes, describe_changes,
+                   model_changes, new_run_dir, record_resume, refuse_split_changes, write_json)
 from .sample import tensorboard_generation
 from .tracker import LossTracker, NonFiniteLossError
 
@@ -68,9 +68,6 @@ def _resolve_run_dir(config: Config, accelerator: Accelerator, run_dir, resume) 
         raise ConfigError(f"run folder {run_dir} already holds a checkpoint: continue it with "
                           f"--resume {run_dir}, or choose another run.name")
     return run_dir
-
-
-LOCK_FILE = ".daae.lock"
 
 
 def _lock_run_dir(run_dir: Path):

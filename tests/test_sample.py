@@ -325,3 +325,23 @@ def test_a_checker_cache_that_cannot_be_written_costs_a_warning_not_the_metrics(
     assert model is trained and accuracy == 0.5
     assert "cannot cache the generation checker at " + str(tmp_path / "a_file" / "c") in caplog.text
     assert "XDG_CACHE_HOME" in caplog.text
+
+
+def test_a_run_still_in_its_first_stretch_is_named_as_training_not_stopped(run_dir, tmp_path, caplog):
+    import fcntl
+
+    folder = _run_without_checkpoint(run_dir, tmp_path)
+    commands = (["eval", "--checkpoint", str(folder)],
+                ["sample", "--checkpoint", str(folder), "--kind", "random", "--out", str(tmp_path / "x.png")])
+    with open(folder / ".daae.lock", "w") as trainer:  # held as daae train holds it
+        fcntl.flock(trainer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for argv in commands:
+            assert cli.main(argv) == 2
+            assert "is still training (a live daae process holds its lock)" in caplog.text
+            assert "stopped before its first checkpoint" not in caplog.text
+            caplog.clear()
+    # The trainer gone, the folder is a run that stopped; and the probe left no lock behind.
+    assert cli.main(commands[0]) == 2
+    assert "stopped before its first checkpoint: start it again" in caplog.text
+    with open(folder / ".daae.lock", "w") as next_trainer:
+        fcntl.flock(next_trainer, fcntl.LOCK_EX | fcntl.LOCK_NB)
