@@ -115,9 +115,11 @@ def draw_curves(runs: dict, tags) -> PILImage:
 
 def write_curves(logdir, out, tags=DEFAULT_TAGS) -> Path:
     from .atomic import atomic_write
+    from .grids import check_png_out
 
-    tags, out = list(tags), Path(out)
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"--out {out}: expected a .png file name")
+    tags, out = list(tags), check_png_out(out)
     image = draw_curves(read_scalars(logdir, tags), tags)
-    return atomic_write(out, lambda handle: image.save(handle, format="PNG"))
+    try:
+        return atomic_write(out, lambda handle: image.save(handle, format="PNG"))
+    except OSError as exc:  # what check_png_out cannot foresee: a full disk, a quota, a race
+        raise ConfigError(f"cannot write {out}: {exc}") from None
