@@ -109,7 +109,12 @@ def _value(metrics: dict, split, name, scale, path) -> float | None:
         return None
     if source is None or name not in source:
         where = f"{split}/{name}" if split else name
-        fix = " (the run had eval.final_test=false)" if split == "test" else ""
+        fix = ""
+        if split == "test":
+            at = f"--at {metrics['step']}" if isinstance(metrics.get("step"), int) else "--at STEP"
+            fix = (f" (the run had eval.final_test=false): read its test figures with daae eval "
+                   f"--checkpoint {path.parent} --split test, or compare the runs on validation "
+                   f"with daae summary RUN ... {at}")
         raise ConfigError(f"{path} has no {where}{fix}")
     value = source[name]
     return 100.0 * (1.0 - value) if scale == "error" else scale * value

@@ -92,7 +92,9 @@ def test_summary_names_an_unfinished_run_and_missing_test_metrics(tmp_path, capl
 
     no_test = _finished_run(tmp_path / "no_test", 0.9, 0.1, final_test=False)
     assert main(["summary", no_test]) == 2
-    assert "no test/accuracy (the run had eval.final_test=false)" in caplog.text
+    assert "no test/accuracy (the run had eval.final_test=false): read its test figures with " \
+           f"daae eval --checkpoint {no_test} --split test, or compare the runs on validation with " \
+           "daae summary RUN ... --at 1500" in caplog.text
 
 
 def test_summary_refuses_one_run_named_twice(tmp_path, caplog):
