@@ -89,12 +89,41 @@ def test_summary_names_an_unfinished_run_and_missing_test_metrics(tmp_path, capl
     (tmp_path / "torn" / "metrics.json").write_text('{"step": 15')
     assert main(["summary", done, str(tmp_path / "torn")]) == 2
     assert "torn/metrics.json is not valid JSON" in caplog.text
+    # daae eval prints its figures and leaves metrics.json as it is: only training writes it.
+    assert f"resume the run to write it again (daae train --resume {tmp_path / 'torn'})" in caplog.text
 
     no_test = _finished_run(tmp_path / "no_test", 0.9, 0.1, final_test=False)
     assert main(["summary", no_test]) == 2
     assert "no test/accuracy (the run had eval.final_test=false): read its test figures with " \
            f"daae eval --checkpoint {no_test} --split test, or compare the runs on validation with " \
            "daae summary RUN ... --at 1500" in caplog.text
+
+
+def test_summary_names_a_malformed_metrics_or_resumes_file_and_the_fix(tmp_path, caplog):
+    def run(name, metrics=None, resumes=None):
+        folder = tmp_path / name
+        _finished_run(folder, 0.9, 0.1)
+        if metrics is not None:
+            (folder / "metrics.json").write_text(metrics)
+        if resumes is not None:
+            (folder / "resumes.yaml").write_text(resumes)
+        return str(folder)
+
+    for folder, message in (
+            (run("list", metrics="[1, 2]"), "list/metrics.json holds a list, not the mapping of metrics "
+                                             "daae train writes: resume the run to write it again "
+                                             f"(daae train --resume {tmp_path / 'list'})"),
+            (run("yaml", resumes="- step: [1\n"), "yaml/resumes.yaml should be a list of resumes "
+                                                  "(step, changed), as daae writes it, but it is not valid YAML"),
+            (run("entry", resumes="- 5\n"), "entry/resumes.yaml should be a list of resumes (step, changed), "
+                                            "as daae writes it, but it holds 5, which is not a resume with its step; "
+                                            "restore it, or move it aside to summarize"),
+            (run("mapping", resumes="step: 5\n"), "mapping/resumes.yaml should be a list of resumes"),
+            (run("no_step", metrics='{"validation": {}}', resumes="- step: 5\n  changed: {}\n"),
+             "no_step/metrics.json has no step, which daae train writes: resume the run")):
+        assert main(["summary", folder]) == 2, folder
+        assert message in caplog.text
+        caplog.clear()
 
 
 def test_summary_refuses_one_run_named_twice(tmp_path, caplog):
