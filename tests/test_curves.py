@@ -79,3 +79,13 @@ def test_an_out_path_it_cannot_write_exits_2_with_the_fix(two_runs, tmp_path, ca
     monkeypatch.setattr(daae.atomic, "atomic_write", full_disk)
     assert main(["curves", "--logdir", str(two_runs), "--out", str(tmp_path / "x.png")]) == 2
     assert "cannot write " + str(tmp_path / "x.png") + ": [Errno 28] No space left on device" in caplog.text
+
+
+def test_a_run_without_the_tags_is_named_as_left_out(two_runs, tmp_path, caplog):
+    writer = SummaryWriter(str(two_runs / "starting"))  # a run that has logged losses only
+    writer.add_scalar("loss/reconstruction", 0.1, 50)
+    writer.close()
+    assert main(["curves", "--logdir", str(two_runs), "--tags", "val/accuracy",
+                 "--out", str(tmp_path / "x.png")]) == 0
+    assert "starting left out: its event files hold none of val/accuracy" in caplog.text
+    assert "a left out" not in caplog.text and "b left out" not in caplog.text
