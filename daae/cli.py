@@ -173,3 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         log.error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        if args.command == "train":
+            raise  # its first Ctrl-C is handled as a stop; a second one stops at once
+        # Every file daae writes is written to a temporary file and renamed.
+        log.warning("daae %s interrupted; no file was left half-written", args.command)
+        return 130  # the shell's code for a command stopped by Ctrl-C
