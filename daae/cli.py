@@ -77,8 +77,7 @@ def _summary(args) -> int:
         summary = summarize(args.runs)
         text = markdown(summary, label)
     else:
-        windows = ([(step, step) for step in args.at] if args.at is not None
-                   else [tuple(args.between)])
+        windows = args.at if args.at is not None else [tuple(args.between)]
         summary = summarize_steps(args.runs, windows)
         text = markdown_steps(summary, label)
     sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n" if args.json else text)

@@ -200,16 +200,20 @@ def _window_mean(series, first: int, last: int) -> tuple[float, int] | None:
 
 
 def summarize_steps(run_dirs, windows) -> list[dict]:
-    """For each (first, last) window, each run's mean of its validation
-    evaluations at steps first..last (a single step when they are equal), then
-    mean ± std over the runs: {"runs", "first_step", "last_step", "evaluations"
-    (per run), column: {"mean", "std", "values"}}. Each run's events are read once."""
+    """For each window, a step (``--at``) or a (first, last) pair (``--between``),
+    each run's mean of its validation evaluations at steps first..last (the one
+    step of an ``--at``), then mean ± std over the runs: {"runs", "first_step",
+    "last_step", "evaluations" (per run), column: {"mean", "std", "values"}}.
+    Each run's events are read once."""
     _check_run_dirs(run_dirs)
-    for first, last in windows:
-        if first == last and first < 0:
-            raise ConfigError(f"--at {first}: expected a step >= 0")
-        if not 0 <= first <= last:
-            raise ConfigError(f"--between {first} {last}: expected 0 <= FIRST <= LAST")
+    # A bad window is named by the flag it came with: `--between -5 -5` is not an --at.
+    for window in windows:
+        if isinstance(window, int):
+            if window < 0:
+                raise ConfigError(f"--at {window}: expected a step >= 0")
+        elif not 0 <= window[0] <= window[1]:
+            raise ConfigError(f"--between {window[0]} {window[1]}: expected 0 <= FIRST <= LAST")
+    windows = [(window, window) if isinstance(window, int) else tuple(window) for window in windows]
     runs = [(Path(run_dir), _run_series(Path(run_dir))) for run_dir in run_dirs]
     summaries = []
     for first, last in windows:

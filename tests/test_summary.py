@@ -251,6 +251,10 @@ def test_summary_at_steps_names_what_is_missing(tmp_path, caplog):
     assert "no validation evaluation at steps 2500-3000" in caplog.text
     assert main(["summary", run, "--between", "2000", "1000"]) == 2
     assert "expected 0 <= FIRST <= LAST" in caplog.text
+    assert main(["summary", run, "--between", "-5", "-5"]) == 2  # the flag given, not --at
+    assert "--between -5 -5: expected 0 <= FIRST <= LAST" in caplog.text
+    assert main(["summary", run, "--at", "1000", "-5"]) == 2
+    assert "--at -5: expected a step >= 0" in caplog.text
 
     from torch.utils.tensorboard import SummaryWriter
 
