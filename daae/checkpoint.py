@@ -29,20 +29,10 @@ def load(path: str | Path) -> dict:
     if path.is_dir():
         path = checkpoint_path(path)
     if not path.is_file():
-        from .runs import is_training  # runs imports this module
-
-        run_dir = path.parent.parent
-        config = run_dir / "config.yaml"
-        if is_training(run_dir):
-            restart = (f" {run_dir} is still training (a live daae process holds its lock) and has "
-                       f"not reached its first checkpoint: wait for it, a checkpoint comes every "
-                       f"run.checkpoint_every steps")
-        elif config.is_file():
-            # A run stopped before its first checkpoint has only its config to go on with.
-            restart = (f" {run_dir} stopped before its first checkpoint: start it again with "
-                       f"daae train --config {config}")
-        else:
-            restart = ""
+        # A run stopped before its first checkpoint has only its config to go on with.
+        config = path.parent.parent / "config.yaml"
+        restart = (f" {config.parent} stopped before its first checkpoint: start it again with "
+                   f"daae train --config {config}" if config.is_file() else "")
         raise CheckpointError(f"no checkpoint at {path}: pass a run folder that holds "
                               f"checkpoints/{LAST} (written every run.checkpoint_every steps).{restart}")
     try:

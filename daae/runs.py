@@ -187,6 +187,12 @@ def load_trained_run(run_dir: str | Path, device="cpu", overrides: list[str] = (
     """The networks of a run folder's last checkpoint, in eval mode, and its data
     (the splits it trained with: an override of a ``SPLIT_KEYS`` key is refused)."""
     config = load_run_config(run_dir, overrides)
+    # Here, not in checkpoint.load: a resume loads its checkpoint holding this lock itself.
+    if not checkpoint.checkpoint_path(run_dir).is_file() and is_training(run_dir):
+        raise checkpoint.CheckpointError(
+            f"no checkpoint in {run_dir} yet: it is still training (a live daae process holds its "
+            f"{LOCK_FILE}) and writes its first checkpoint after run.checkpoint_every steps "
+            f"({config.run.checkpoint_every} here): wait for it")
     state = checkpoint.load(run_dir)
     changes = config_changes(state.get("config", {}), config)
     refuse_split_changes(changes, f"the checkpoint in {run_dir} was trained on other splits",

@@ -337,7 +337,9 @@ def test_a_run_still_in_its_first_stretch_is_named_as_training_not_stopped(run_d
         fcntl.flock(trainer, fcntl.LOCK_EX | fcntl.LOCK_NB)
         for argv in commands:
             assert cli.main(argv) == 2
-            assert "is still training (a live daae process holds its lock)" in caplog.text
+            assert f"no checkpoint in {folder} yet: it is still training (a live daae process holds " \
+                   "its .daae.lock) and writes its first checkpoint after run.checkpoint_every " \
+                   "steps (" in caplog.text
             assert "stopped before its first checkpoint" not in caplog.text
             caplog.clear()
     # The trainer gone, the folder is a run that stopped; and the probe left no lock behind.
@@ -345,3 +347,7 @@ def test_a_run_still_in_its_first_stretch_is_named_as_training_not_stopped(run_d
     assert "stopped before its first checkpoint: start it again" in caplog.text
     with open(folder / ".daae.lock", "w") as next_trainer:
         fcntl.flock(next_trainer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # A resume holds the lock itself as it looks for the checkpoint: it is no trainer to wait for.
+    caplog.clear()
+    assert cli.main(["train", "--resume", str(folder)]) == 2
+    assert "stopped before its first checkpoint" in caplog.text and "still training" not in caplog.text
