@@ -77,8 +77,7 @@ def _summary(args) -> int:
         summary = summarize(args.runs)
         text = markdown(summary, label)
     else:
-        windows = ([(step, step) for step in args.at] if args.at is not None
-                   else [tuple(args.between)])
+        windows = args.at if args.at is not None else [tuple(args.between)]
         summary = summarize_steps(args.runs, windows)
         text = markdown_steps(summary, label)
     sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n" if args.json else text)
@@ -173,3 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         log.error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        if args.command == "train":
+            raise  # its first Ctrl-C is handled as a stop; a second one stops at once
+        # Every file daae writes is written to a temporary file and renamed.
+        log.warning("daae %s interrupted; no file was left half-written", args.command)
+        return 130  # the shell's code for a command stopped by Ctrl-C

@@ -123,7 +123,14 @@ def load_checker(data: SemiSupervisedData, dataset: str, device, epochs: int = 2
     log.info("generation checker: %.2f%% test accuracy", 100 * accuracy)
     state = {"model": {k: v.cpu() for k, v in model.state_dict().items()},
              "test_accuracy": accuracy, "version": CHECKER_VERSION}
-    checkpoint.save_atomic(state, path)  # atomic: parallel evaluations may race to write it
+    try:
+        checkpoint.save_atomic(state, path)  # atomic: parallel evaluations may race to write it
+    except OSError as exc:
+        # The cache only spares the next evaluation this training; failing to
+        # write it must not throw away the metrics this one has computed.
+        log.warning("cannot cache the generation checker at %s (%s): going on with the one just "
+                    "trained, which the next evaluation trains again; point XDG_CACHE_HOME at a "
+                    "writable folder to keep it", path, exc)
     return model, accuracy
 
 

@@ -20,6 +20,8 @@ from .latent_map import BACKGROUND, FRAME, class_colour
 DEFAULT_TAGS = ("val/accuracy", "decorrelation/val/adversary_accuracy")
 PANEL_WIDTH, PANEL_HEIGHT, MARGIN = 560, 220, 46
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:  # PIL is imported where a picture is drawn, not on `import daae`
     from PIL.Image import Image as PILImage
 
@@ -37,7 +39,7 @@ def read_scalars(logdir: str | Path, tags) -> dict[str, dict[str, list[tuple[int
     if not folders:
         raise ConfigError(f"--logdir {logdir}: no TensorBoard event files under it "
                           f"(a run folder of `daae train` or a `daae tune` experiment folder)")
-    runs = {}
+    runs, left_out = {}, []
     for folder in folders:
         events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
         events.Reload()
@@ -48,11 +50,17 @@ def read_scalars(logdir: str | Path, tags) -> dict[str, dict[str, list[tuple[int
                 # Keep the last value written at a step (a resumed run may repeat one).
                 by_step = {e.step: e.value for e in events.Scalars(tag)}
                 series[tag] = sorted(by_step.items())
+        # resolve(): `--logdir .` would otherwise be named "".
+        name = str(folder.relative_to(logdir)) if folder != logdir else logdir.resolve().name
         if series:
-            # resolve(): `--logdir .` would otherwise be named "".
-            runs[str(folder.relative_to(logdir)) if folder != logdir else logdir.resolve().name] = series
+            runs[name] = series
+        else:
+            left_out.append(name)
     if not runs:
         raise ConfigError(f"--tags: none of {', '.join(tags)} is in the event files under {logdir}")
+    for name in left_out:  # a picture without them would pass for all the runs there are
+        log.warning("%s left out: its event files hold none of %s (never evaluated, or "
+                    "written by something else)", name, ", ".join(tags))
     return runs
 
 
@@ -115,9 +123,11 @@ def draw_curves(runs: dict, tags) -> PILImage:
 
 def write_curves(logdir, out, tags=DEFAULT_TAGS) -> Path:
     from .atomic import atomic_write
+    from .grids import check_png_out
 
-    tags, out = list(tags), Path(out)
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"--out {out}: expected a .png file name")
+    tags, out = list(tags), check_png_out(out)
     image = draw_curves(read_scalars(logdir, tags), tags)
-    return atomic_write(out, lambda handle: image.save(handle, format="PNG"))
+    try:
+        return atomic_write(out, lambda handle: image.save(handle, format="PNG"))
+    except OSError as exc:  # what check_png_out cannot foresee: a full disk, a quota, a race
+        raise ConfigError(f"cannot write {out}: {exc}") from None

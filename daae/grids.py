@@ -1,12 +1,14 @@
 """Image grids for TensorBoard and PNG files (no torchvision)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_write
+from .schema import ConfigError
 
 
 def make_grid(images: torch.Tensor, rows: int, padding: int = 2) -> torch.Tensor:
@@ -47,3 +49,21 @@ def reconstruction_grid(nets, images: torch.Tensor) -> torch.Tensor:
     reconstructions = nets.decoder(logits_y.softmax(1), z).float()
     nets.train(was_training)
     return make_grid(torch.cat([images.float(), reconstructions]), rows=2)
+
+
+def check_png_out(out: str | Path, error: type[ConfigError] = ConfigError) -> Path:
+    """A command's ``--out FILE.png``, checked before the command does its work,
+    so that a path it cannot write costs a message, not the work. Missing
+    folders are made when the file is written."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise error(f"--out {out} must name a .png file")
+    if out.is_dir():
+        raise error(f"--out {out} is a folder; name a .png file inside it")
+    folder = next(parent for parent in out.parents if parent.exists())
+    if not folder.is_dir():
+        raise error(f"--out {out}: {folder} is a file, not a folder; name a .png file in a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise error(f"--out {out}: {folder} is not writable; name a .png file in a folder you "
+                    f"can write to")
+    return out

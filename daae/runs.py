@@ -19,6 +19,8 @@ from .models import Networks
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 RESUMES_FILE = "resumes.yaml"
+# Held (flock) by the process training the folder, for as long as it trains.
+LOCK_FILE = ".daae.lock"
 
 # What draws the labelled subset and the validation split: a resume that
 # changed one would train on other labels, and an evaluation would validate on
@@ -91,18 +93,58 @@ def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
                      for key, (before, now) in changes.items())
 
 
-def record_resume(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+def is_training(run_dir: str | Path) -> bool:
+    """Whether a live process holds the run folder's lock (it is training it).
+    Probed with a shared lock taken without waiting and dropped at once, so the
+    trainer is not disturbed; a folder without the lock file, or on a file
+    system without locks, counts as not training."""
+    import fcntl
+
+    try:
+        handle = open(Path(run_dir) / LOCK_FILE, "rb")  # never created here
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def read_resumes(run_dir: Path, fix: str) -> list[dict]:
+    """The entries of the run's resumes.yaml ([] without one), each a mapping
+    with an integer ``step``; a file that is not so is a ``ConfigError``
+    naming it, ending with ``fix`` (what the caller's command can do about it)."""
+    path = Path(run_dir) / RESUMES_FILE
+    problem = f"{path} should be a list of resumes (step, changed), as daae writes it"
+    try:
+        entries = (yaml.safe_load(path.read_text()) if path.is_file() else None) or []
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{problem}, but it is not valid YAML ({exc}); {fix}") from None
+    if not isinstance(entries, list):
+        raise ConfigError(f"{problem}; {fix}")
+    for entry in entries:
+        if not (isinstance(entry, dict) and isinstance(entry.get("step"), int)
+                and not isinstance(entry["step"], bool)):
+            raise ConfigError(f"{problem}, but it holds {entry!r}, which is not a resume with its step; "
+                              f"{fix}")
+    return entries
+
+
+def record_resume(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]) -> int:
     """Append this resume to the run's resumes.yaml. config.yaml holds only the
     config the run goes on with, so this is where a setting changed mid-run, and
-    the step it changed at, stays on record."""
+    the step it changed at, stays on record. Returns how many resumes it now lists."""
     path = Path(run_dir) / RESUMES_FILE
-    entries = (yaml.safe_load(path.read_text()) if path.is_file() else None) or []
-    if not isinstance(entries, list):
-        raise ConfigError(f"{path} should be a list of resumes (step, changed), as daae writes it; "
-                          f"move it aside to resume this run")
+    entries = read_resumes(run_dir, "move it aside to resume this run")
     entries.append({"step": step, "changed": {
         key: {"from": before, "to": after} for key, (before, after) in changes.items()}})
     atomic_write(path, lambda handle: handle.write(yaml.safe_dump(entries, sort_keys=False)), binary=False)
+    return len(entries)
 
 
 def write_json(data: dict, path: Path) -> None:
@@ -145,6 +187,12 @@ def load_trained_run(run_dir: str | Path, device="cpu", overrides: list[str] = (
     """The networks of a run folder's last checkpoint, in eval mode, and its data
     (the splits it trained with: an override of a ``SPLIT_KEYS`` key is refused)."""
     config = load_run_config(run_dir, overrides)
+    # Here, not in checkpoint.load: a resume loads its checkpoint holding this lock itself.
+    if not checkpoint.checkpoint_path(run_dir).is_file() and is_training(run_dir):
+        raise checkpoint.CheckpointError(
+            f"no checkpoint in {run_dir} yet: it is still training (a live daae process holds its "
+            f"{LOCK_FILE}) and writes its first checkpoint after run.checkpoint_every steps "
+            f"({config.run.checkpoint_every} here): wait for it")
     state = checkpoint.load(run_dir)
     changes = config_changes(state.get("config", {}), config)
     refuse_split_changes(changes, f"the checkpoint in {run_dir} was trained on other splits",

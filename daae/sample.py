@@ -16,7 +16,7 @@ import torch
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import ImageSet, SemiSupervisedData, to_float
-from .grids import decode_classes, make_grid, save_png
+from .grids import check_png_out, decode_classes, make_grid, save_png
 from .latent_map import latent_map
 
 log = logging.getLogger(__name__)
@@ -117,11 +117,7 @@ def write_sample(run_dir, kind: str = "style", n: int = 8, seed: int = 0, out="s
     from .whitening import whiten_networks
 
     check_request(kind, n, seed)
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise SampleError(f"--out {out} must name a .png file")
-    if out.is_dir():
-        raise SampleError(f"--out {out} is a folder; name a .png file inside it")
+    out = check_png_out(out, SampleError)
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist: pass the folder that "
                               f"`daae train` wrote (run.dir/run.name)")

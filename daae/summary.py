@@ -21,10 +21,8 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from .config import CLASS_MAPPED_METRICS, ConfigError
-from .runs import METRICS_FILE, RESUMES_FILE
+from .runs import METRICS_FILE, RESUMES_FILE, read_resumes
 
 # Metrics that runs written before they existed lack (or hold as null): their column reads "–".
 OPTIONAL = {"adversary_floor", "run_train_seconds", *CLASS_MAPPED_METRICS}
@@ -71,26 +69,37 @@ def _read_metrics(run_dir: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run_dir} is not a finished `daae train` run "
                           f"(metrics.json is written at the end of training)")
+    # Only training writes metrics.json (daae eval prints its figures), so a
+    # damaged one comes back only by training the last stretch again.
+    again = (f"resume the run to write it again (daae train --resume {run_dir}), or leave "
+             f"{run_dir} out")
     try:
         metrics = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}): daae eval --checkpoint {run_dir} "
-                          f"--json reads the run's metrics again") from None
-    resumed_at = _last_resume_step(run_dir)
-    # A resume writes resumes.yaml as it starts, metrics.json only as it ends:
-    # until then metrics.json is an earlier stretch's.
-    if (resumed_at is not None and resumed_at >= metrics["step"]
-            and (run_dir / RESUMES_FILE).stat().st_mtime_ns > path.stat().st_mtime_ns):
-        raise ConfigError(f"{run_dir} was resumed at step {resumed_at} and has not finished since: "
-                          f"its metrics.json is from step {metrics['step']}. Wait for it, or read "
-                          f"its evaluations so far with --at STEP or --between FIRST LAST")
+        raise ConfigError(f"{path} is not valid JSON ({exc}): {again}") from None
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{path} holds a {type(metrics).__name__}, not the mapping of metrics "
+                          f"daae train writes: {again}")
+    entries = read_resumes(run_dir, f"restore it, or move it aside to summarize {run_dir} "
+                                    f"without the check that it is not still resuming")
+    if entries and _still_resuming(path, metrics, entries, again):
+        raise ConfigError(f"{run_dir} was resumed at step {entries[-1]['step']} and has not finished "
+                          f"since: its metrics.json is from step {metrics.get('step')}. Wait for it, "
+                          f"or read its evaluations so far with --at STEP or --between FIRST LAST")
     return metrics
 
 
-def _last_resume_step(run_dir: Path) -> int | None:
-    path = run_dir / RESUMES_FILE
-    entries = (yaml.safe_load(path.read_text()) if path.is_file() else None) or []
-    return entries[-1]["step"] if isinstance(entries, list) and entries else None
+def _still_resuming(path: Path, metrics: dict, entries: list[dict], again: str) -> bool:
+    """Whether metrics.json predates the run's last resume: a resume writes
+    resumes.yaml as it starts, metrics.json only as it ends."""
+    counted = metrics.get("resumes")
+    if isinstance(counted, int):  # how many resumes the run had when it wrote metrics.json
+        return counted < len(entries)
+    # A metrics.json from before that count: file times, which a copy may reset.
+    if not isinstance(metrics.get("step"), int):
+        raise ConfigError(f"{path} has no step, which daae train writes: {again}")
+    return (entries[-1]["step"] >= metrics["step"]
+            and (path.parent / RESUMES_FILE).stat().st_mtime_ns > path.stat().st_mtime_ns)
 
 
 def _value(metrics: dict, split, name, scale, path) -> float | None:
@@ -100,7 +109,12 @@ def _value(metrics: dict, split, name, scale, path) -> float | None:
         return None
     if source is None or name not in source:
         where = f"{split}/{name}" if split else name
-        fix = " (the run had eval.final_test=false)" if split == "test" else ""
+        fix = ""
+        if split == "test":
+            at = f"--at {metrics['step']}" if isinstance(metrics.get("step"), int) else "--at STEP"
+            fix = (f" (the run had eval.final_test=false): read its test figures with daae eval "
+                   f"--checkpoint {path.parent} --split test, or compare the runs on validation "
+                   f"with daae summary RUN ... {at}")
         raise ConfigError(f"{path} has no {where}{fix}")
     value = source[name]
     return 100.0 * (1.0 - value) if scale == "error" else scale * value
@@ -186,16 +200,20 @@ def _window_mean(series, first: int, last: int) -> tuple[float, int] | None:
 
 
 def summarize_steps(run_dirs, windows) -> list[dict]:
-    """For each (first, last) window, each run's mean of its validation
-    evaluations at steps first..last (a single step when they are equal), then
-    mean ± std over the runs: {"runs", "first_step", "last_step", "evaluations"
-    (per run), column: {"mean", "std", "values"}}. Each run's events are read once."""
+    """For each window, a step (``--at``) or a (first, last) pair (``--between``),
+    each run's mean of its validation evaluations at steps first..last (the one
+    step of an ``--at``), then mean ± std over the runs: {"runs", "first_step",
+    "last_step", "evaluations" (per run), column: {"mean", "std", "values"}}.
+    Each run's events are read once."""
     _check_run_dirs(run_dirs)
-    for first, last in windows:
-        if first == last and first < 0:
-            raise ConfigError(f"--at {first}: expected a step >= 0")
-        if not 0 <= first <= last:
-            raise ConfigError(f"--between {first} {last}: expected 0 <= FIRST <= LAST")
+    # A bad window is named by the flag it came with: `--between -5 -5` is not an --at.
+    for window in windows:
+        if isinstance(window, int):
+            if window < 0:
+                raise ConfigError(f"--at {window}: expected a step >= 0")
+        elif not 0 <= window[0] <= window[1]:
+            raise ConfigError(f"--between {window[0]} {window[1]}: expected 0 <= FIRST <= LAST")
+    windows = [(window, window) if isinstance(window, int) else tuple(window) for window in windows]
     runs = [(Path(run_dir), _run_series(Path(run_dir))) for run_dir in run_dirs]
     summaries = []
     for first, last in windows:

@@ -21,8 +21,8 @@ from .grids import reconstruction_grid, save_png
 from .interrupt import StopRequest, TrainingInterrupted
 from .optimizers import OPTIONAL_OPTIMIZERS, lr_factor, restore_optimizer, set_learning_rates
 from .prepare import make_accelerator, prepare_training
-from .runs import (CONFIG_FILE, METRICS_FILE, config_changes, describe_changes, model_changes,
-                   new_run_dir, record_resume, refuse_split_changes, write_json)
+from .runs import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, config_changes, describe_changes,
+                   model_changes, new_run_dir, record_resume, refuse_split_changes, write_json)
 from .sample import tensorboard_generation
 from .tracker import LossTracker, NonFiniteLossError
 
@@ -68,9 +68,6 @@ def _resolve_run_dir(config: Config, accelerator: Accelerator, run_dir, resume) 
         raise ConfigError(f"run folder {run_dir} already holds a checkpoint: continue it with "
                           f"--resume {run_dir}, or choose another run.name")
     return run_dir
-
-
-LOCK_FILE = ".daae.lock"
 
 
 def _lock_run_dir(run_dir: Path):
@@ -260,8 +257,11 @@ def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, data, set
     writer = None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # metrics.json records the count, so that `daae summary` can tell a
+        # finished resume from one still running without file times, which a copy resets.
+        resumes = 0
         if resume is not None:  # before config.yaml: a record it cannot extend stops the run first
-            record_resume(run_dir, step, changes)
+            resumes = record_resume(run_dir, step, changes)
         save_config(config, run_dir / CONFIG_FILE)
         # Left by a process killed while it wrote a checkpoint (the lock says none writes now).
         for stale in ckpt_path.parent.glob(f".{ckpt_path.name}.*.tmp"):
@@ -406,7 +406,7 @@ def _train_in(run_dir: Path, config: Config, accelerator: Accelerator, data, set
         write_grids()  # the trained model's, also when the run is shorter than run.eval_every
         if hooks.on_evaluation:
             hooks.on_evaluation(step, result["validation"])
-        write_json(result, run_dir / METRICS_FILE)
+        write_json({**result, "resumes": resumes}, run_dir / METRICS_FILE)
         writer.close()
     accelerator.wait_for_everyone()
     return result

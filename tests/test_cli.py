@@ -53,6 +53,7 @@ def test_resume_continues_from_the_run_folder(trained_run):
     assert main(["train", "--resume", str(trained_run), "train.max_steps=50"]) == 0
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["step"] == 50
+    assert metrics["resumes"] == 1  # resumes.yaml's entries when it was written (daae summary)
 
 
 def test_user_errors_exit_2_with_a_message(tmp_path, caplog):
@@ -96,3 +97,23 @@ def test_eval_refuses_overrides_that_redraw_the_splits(trained_run, caplog):
     # validation split: the figures would be read on images the run trained on.
     assert main(["eval", "--checkpoint", str(trained_run), "data.split_seed=1"]) == 2
     assert "trained on other splits: data.split_seed is 1 here" in caplog.text
+
+
+@pytest.mark.parametrize("command, function, argv", [
+    ("eval", "daae.evaluate.evaluate_run", ["--checkpoint", "r"]),
+    ("sample", "daae.sample.write_sample", ["--checkpoint", "r", "--kind", "random", "--out", "x.png"]),
+    ("summary", "daae.summary.summarize", ["r"]),
+    ("curves", "daae.curves.write_curves", ["--logdir", "r", "--out", "x.png"]),
+])
+def test_ctrl_c_in_a_reading_command_exits_130_with_one_line(command, function, argv, monkeypatch,
+                                                            caplog):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(function, interrupted)
+    try:
+        code = main([command, *argv])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C came out as a KeyboardInterrupt traceback")
+    assert code == 130
+    assert f"daae {command} interrupted; no file was left half-written" in caplog.text

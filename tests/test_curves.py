@@ -58,3 +58,34 @@ def test_a_run_with_non_finite_values_is_drawn_without_them(two_runs, tmp_path):
     pixels = np.asarray(Image.open(out).convert("RGB"))
     for run in range(3):  # a, b and diverged, in that order: each line is drawn
         assert (pixels[:PANEL_HEIGHT] == np.array(class_colour(run))).all(-1).sum() > 20
+
+
+def test_an_out_path_it_cannot_write_exits_2_with_the_fix(two_runs, tmp_path, caplog, monkeypatch):
+    import errno
+
+    import daae.atomic
+
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "a_file").write_text("")
+    for out, message in ((tmp_path / "folder.png", "is a folder; name a .png file inside it"),
+                         (tmp_path / "a_file" / "sub" / "x.png", "a_file is a file, not a folder")):
+        assert main(["curves", "--logdir", str(two_runs), "--out", str(out)]) == 2
+        assert message in caplog.text
+    assert list((tmp_path / "folder.png").iterdir()) == []
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(daae.atomic, "atomic_write", full_disk)
+    assert main(["curves", "--logdir", str(two_runs), "--out", str(tmp_path / "x.png")]) == 2
+    assert "cannot write " + str(tmp_path / "x.png") + ": [Errno 28] No space left on device" in caplog.text
+
+
+def test_a_run_without_the_tags_is_named_as_left_out(two_runs, tmp_path, caplog):
+    writer = SummaryWriter(str(two_runs / "starting"))  # a run that has logged losses only
+    writer.add_scalar("loss/reconstruction", 0.1, 50)
+    writer.close()
+    assert main(["curves", "--logdir", str(two_runs), "--tags", "val/accuracy",
+                 "--out", str(tmp_path / "x.png")]) == 0
+    assert "starting left out: its event files hold none of val/accuracy" in caplog.text
+    assert "a left out" not in caplog.text and "b left out" not in caplog.text

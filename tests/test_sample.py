@@ -312,3 +312,42 @@ def test_checker_is_loaded_from_cache_not_retrained(run, checker_dir, monkeypatc
     metrics = generation_consistency(run.nets, run.data, run.config, "cpu", per_class=10,
                                      checker_dir=checker_dir)
     assert 0.0 <= metrics["generation_consistency"] <= 1.0
+
+
+def test_a_checker_cache_that_cannot_be_written_costs_a_warning_not_the_metrics(run, tmp_path,
+                                                                                monkeypatch, caplog):
+    import daae.consistency as consistency
+
+    trained = consistency.Checker(run.data.image_shape[0], run.data.num_classes)
+    monkeypatch.setattr(consistency, "train_checker", lambda *a, **k: (trained, 0.5))
+    (tmp_path / "a_file").write_text("")  # XDG_CACHE_HOME pointing at a plain file
+    model, accuracy = load_checker(run.data, "synthetic", "cpu", directory=tmp_path / "a_file" / "c")
+    assert model is trained and accuracy == 0.5
+    assert "cannot cache the generation checker at " + str(tmp_path / "a_file" / "c") in caplog.text
+    assert "XDG_CACHE_HOME" in caplog.text
+
+
+def test_a_run_still_in_its_first_stretch_is_named_as_training_not_stopped(run_dir, tmp_path, caplog):
+    import fcntl
+
+    folder = _run_without_checkpoint(run_dir, tmp_path)
+    commands = (["eval", "--checkpoint", str(folder)],
+                ["sample", "--checkpoint", str(folder), "--kind", "random", "--out", str(tmp_path / "x.png")])
+    with open(folder / ".daae.lock", "w") as trainer:  # held as daae train holds it
+        fcntl.flock(trainer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for argv in commands:
+            assert cli.main(argv) == 2
+            assert f"no checkpoint in {folder} yet: it is still training (a live daae process holds " \
+                   "its .daae.lock) and writes its first checkpoint after run.checkpoint_every " \
+                   "steps (" in caplog.text
+            assert "stopped before its first checkpoint" not in caplog.text
+            caplog.clear()
+    # The trainer gone, the folder is a run that stopped; and the probe left no lock behind.
+    assert cli.main(commands[0]) == 2
+    assert "stopped before its first checkpoint: start it again" in caplog.text
+    with open(folder / ".daae.lock", "w") as next_trainer:
+        fcntl.flock(next_trainer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # A resume holds the lock itself as it looks for the checkpoint: it is no trainer to wait for.
+    caplog.clear()
+    assert cli.main(["train", "--resume", str(folder)]) == 2
+    assert "stopped before its first checkpoint" in caplog.text and "still training" not in caplog.text

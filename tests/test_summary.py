@@ -7,7 +7,7 @@ from daae.cli import main
 
 
 def _finished_run(folder, accuracy, adversary, *, final_test=True, floor=None, run_seconds=None,
-                  whitened=None):
+                  whitened=None, resumes=None):
     folder.mkdir()
     metrics = {"step": 1500, "epoch": 3.0, "train_seconds": 300.0, "run_train_seconds": run_seconds,
                "validation": {"accuracy": accuracy - 0.01}}
@@ -19,6 +19,8 @@ def _finished_run(folder, accuracy, adversary, *, final_test=True, floor=None, r
         if whitened is not None:
             metrics["test"]["class_whitened_probe_accuracy"] = whitened
             metrics["test"]["class_whitened_linear_probe_accuracy"] = whitened - 0.01
+    if resumes is not None:  # written by daae train since it counts them
+        metrics["resumes"] = resumes
     (folder / "metrics.json").write_text(json.dumps(metrics))
     return str(folder)
 
@@ -87,10 +89,41 @@ def test_summary_names_an_unfinished_run_and_missing_test_metrics(tmp_path, capl
     (tmp_path / "torn" / "metrics.json").write_text('{"step": 15')
     assert main(["summary", done, str(tmp_path / "torn")]) == 2
     assert "torn/metrics.json is not valid JSON" in caplog.text
+    # daae eval prints its figures and leaves metrics.json as it is: only training writes it.
+    assert f"resume the run to write it again (daae train --resume {tmp_path / 'torn'})" in caplog.text
 
     no_test = _finished_run(tmp_path / "no_test", 0.9, 0.1, final_test=False)
     assert main(["summary", no_test]) == 2
-    assert "no test/accuracy (the run had eval.final_test=false)" in caplog.text
+    assert "no test/accuracy (the run had eval.final_test=false): read its test figures with " \
+           f"daae eval --checkpoint {no_test} --split test, or compare the runs on validation with " \
+           "daae summary RUN ... --at 1500" in caplog.text
+
+
+def test_summary_names_a_malformed_metrics_or_resumes_file_and_the_fix(tmp_path, caplog):
+    def run(name, metrics=None, resumes=None):
+        folder = tmp_path / name
+        _finished_run(folder, 0.9, 0.1)
+        if metrics is not None:
+            (folder / "metrics.json").write_text(metrics)
+        if resumes is not None:
+            (folder / "resumes.yaml").write_text(resumes)
+        return str(folder)
+
+    for folder, message in (
+            (run("list", metrics="[1, 2]"), "list/metrics.json holds a list, not the mapping of metrics "
+                                             "daae train writes: resume the run to write it again "
+                                             f"(daae train --resume {tmp_path / 'list'})"),
+            (run("yaml", resumes="- step: [1\n"), "yaml/resumes.yaml should be a list of resumes "
+                                                  "(step, changed), as daae writes it, but it is not valid YAML"),
+            (run("entry", resumes="- 5\n"), "entry/resumes.yaml should be a list of resumes (step, changed), "
+                                            "as daae writes it, but it holds 5, which is not a resume with its step; "
+                                            "restore it, or move it aside to summarize"),
+            (run("mapping", resumes="step: 5\n"), "mapping/resumes.yaml should be a list of resumes"),
+            (run("no_step", metrics='{"validation": {}}', resumes="- step: 5\n  changed: {}\n"),
+             "no_step/metrics.json has no step, which daae train writes: resume the run")):
+        assert main(["summary", folder]) == 2, folder
+        assert message in caplog.text
+        caplog.clear()
 
 
 def test_summary_refuses_one_run_named_twice(tmp_path, caplog):
@@ -120,6 +153,26 @@ def test_summary_refuses_a_run_resumed_past_its_metrics_until_it_finishes(tmp_pa
     later = (tmp_path / "done" / "metrics.json").stat().st_mtime_ns + 10**9
     os.utime(resumes, ns=(later, later))
     assert main(["summary", done]) == 0
+
+
+def test_summary_tells_a_finished_resume_from_a_running_one_in_a_copied_folder(tmp_path, caplog):
+    import os
+
+    def copied(name, counted, newer):
+        """A run resumed once, at step 1500, as `cp -r` may leave it: ``newer``,
+        the file it copied last, has the later time."""
+        run = _finished_run(tmp_path / name, 0.9, 0.1, resumes=counted)
+        (tmp_path / name / "resumes.yaml").write_text("- step: 1500\n  changed: {}\n")
+        later = (tmp_path / name / "metrics.json").stat().st_mtime_ns + 10**9
+        os.utime(tmp_path / name / newer, ns=(later, later))
+        return run
+
+    # Resumed at its last step (to evaluate again) and finished: the copy made
+    # resumes.yaml the newer file.
+    assert main(["summary", copied("finished", 1, "resumes.yaml")]) == 0
+    # Resumed and still running when copied, its metrics.json the newer file.
+    assert main(["summary", copied("running", 0, "metrics.json")]) == 2
+    assert "running was resumed at step 1500 and has not finished since" in caplog.text
 
 
 def _logged_run(folder, accuracy_by_step, adversary=0.12, probes=True, whitened=False):
@@ -198,6 +251,10 @@ def test_summary_at_steps_names_what_is_missing(tmp_path, caplog):
     assert "no validation evaluation at steps 2500-3000" in caplog.text
     assert main(["summary", run, "--between", "2000", "1000"]) == 2
     assert "expected 0 <= FIRST <= LAST" in caplog.text
+    assert main(["summary", run, "--between", "-5", "-5"]) == 2  # the flag given, not --at
+    assert "--between -5 -5: expected 0 <= FIRST <= LAST" in caplog.text
+    assert main(["summary", run, "--at", "1000", "-5"]) == 2
+    assert "--at -5: expected a step >= 0" in caplog.text
 
     from torch.utils.tensorboard import SummaryWriter
 
