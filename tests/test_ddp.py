@@ -29,13 +29,13 @@ def _launch_two_processes(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("split_at", [10, 13])
-def test_a_two_process_run_resumed_from_its_checkpoint_ends_as_the_straight_run(tmp_path, split_at):
+def test_a_two_process_run_resumed_from_its_checkpoint_ends_as_the_straight_run(tmp_path):
     # Each rank restores its own random stream from the checkpoint's stacked
     # states; rank 1's used to crash the resume (SIGSEGV). Step 13 is off the
     # evaluation and checkpoint steps, where the straight run does not average
     # the ranks' batch-norm statistics: each rank goes on with its own, which
     # C reads through the evaluation codes.
+    split_at = 13
     common = ["-m", "daae", "train", "--config", str(SMOKE), f"run.dir={tmp_path}", "run.checkpoint_every=10",
               "run.eval_every=10", "run.progress_bar=false", "eval.final_test=false", "eval.probe_epochs=1",
               "loss.correlation_batch_norm=evaluation", "loss.correlation_input=clean"]
