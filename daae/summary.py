@@ -105,6 +105,10 @@ def _still_resuming(path: Path, metrics: dict, entries: list[dict], again: str) 
 def _value(metrics: dict, split, name, scale, path) -> float | None:
     """The column's value of one run; None for an OPTIONAL metric it lacks."""
     source = metrics if split is None else metrics.get(split)
+    if source is not None and not isinstance(source, dict):
+        raise ConfigError(f"{path}: its {split} holds a {type(source).__name__}, not the mapping of "
+                          f"metrics daae train writes: resume the run to write it again (daae train "
+                          f"--resume {path.parent}), or leave {path.parent} out")
     if name in OPTIONAL and (source is None or source.get(name) is None):
         return None
     if source is None or name not in source:

@@ -120,7 +120,9 @@ def test_summary_names_a_malformed_metrics_or_resumes_file_and_the_fix(tmp_path,
                                             "restore it, or move it aside to summarize"),
             (run("mapping", resumes="step: 5\n"), "mapping/resumes.yaml should be a list of resumes"),
             (run("no_step", metrics='{"validation": {}}', resumes="- step: 5\n  changed: {}\n"),
-             "no_step/metrics.json has no step, which daae train writes: resume the run")):
+             "no_step/metrics.json has no step, which daae train writes: resume the run"),
+            (run("split", metrics='{"step": 5, "test": [0.9], "validation": {}}'),
+             "split/metrics.json: its test holds a list, not the mapping of metrics daae train writes")):
         assert main(["summary", folder]) == 2, folder
         assert message in caplog.text
         caplog.clear()
