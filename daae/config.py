@@ -329,7 +329,8 @@ def validate(config: Config) -> None:
         if smallest is not None:
             _require(data.labels_per_class <= smallest, "data.labels_per_class",
                      f"{data.labels_per_class} is more than the smallest {data.name} class "
-                     f"holds ({smallest}); use at most {smallest}, or null for all labels")
+                     f"holds ({smallest}, before data.validation_size takes its share); use "
+                     f"fewer, or null for all labels")
     # Two codes at least: the latent map's principal axes (and a spread) need them.
     _require(data.validation_size >= 2, "data.validation_size", "must be at least 2")
     _require(0 <= data.max_shift <= 8, "data.max_shift",
@@ -405,3 +406,5 @@ def validate(config: Config) -> None:
              "run.name", f"must be a plain folder name (it goes under run.dir), got {name!r}")
     # The random streams take seed * 1,000,003 + the process's rank as a 64-bit seed.
     _require(0 <= config.seed < 2**32, "seed", f"must be in [0, 2**32), got {config.seed}")
+    _require(0 <= data.split_seed < 2**63, "data.split_seed",
+             f"must be in [0, 2**63) (torch's generator seed), got {data.split_seed}")

@@ -117,7 +117,7 @@ def _download(name: str, root: Path, mirrors: tuple[str, ...]) -> None:
         except (urllib.error.URLError, OSError) as exc:
             errors.append(f"{url}: {exc}")
     raise DataError(
-        f"could not download {name} ({'; '.join(errors)}). If this machine is offline, "
+        f"it could not be downloaded ({'; '.join(errors)}). If this machine is offline, "
         f"put the files in a folder and point data.root (or the DAAE_DATA_DIR environment "
         f"variable) at it.")
 
@@ -127,16 +127,31 @@ def fetch_verified(name: str, md5: str, root: Path, download: bool,
     """The path of ``root/name`` after an MD5 check, downloading it first if allowed."""
     path = root / name
     if not path.is_file():
+        # Said first: a mistyped data.root would otherwise read as a network problem.
+        where = (f"{root} is a file, not a folder" if root.is_file()
+                 else f"{root} does not exist" if not root.exists()
+                 else f"{path} is missing")
+        unzipped = path.with_suffix("") if path.suffix == ".gz" else None
+        if unzipped is not None and unzipped.is_file():
+            where += f" ({unzipped.name} is there unzipped: gzip it, as the official file is)"
         if not download:
             raise DataError(
-                f"{path} is missing. Put the official file there, point data.root (or "
-                f"DAAE_DATA_DIR) at a folder that holds it, or set data.download=true.")
-        _download(name, root, mirrors)
-    actual = md5sum(path)
+                f"{where}. Put the official file there, point data.root (or DAAE_DATA_DIR) at "
+                f"a folder that holds it, or set data.download=true.")
+        try:
+            _download(name, root, mirrors)
+        except DataError as exc:
+            raise DataError(f"{where}, and {exc}") from None
+    try:
+        actual = md5sum(path)
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc}): check its permissions and the disk "
+                        f"it is on, or point data.root at a copy.") from None
     if actual != md5:
+        again = "it is downloaded again" if download else "with data.download=true it is downloaded again"
         raise DataError(
             f"{path} has MD5 {actual}, expected {md5}: the file is corrupt or not the "
-            f"official one. Delete it (it is downloaded again) or replace it.")
+            f"official one. Delete it ({again}) or replace it.")
     return path
 
 
@@ -246,12 +261,16 @@ def labelled_indices(labels: torch.Tensor, per_class: int, seed: int,
                      num_classes: int = NUM_CLASSES) -> torch.Tensor:
     """``per_class`` distinct indices of each class, drawn with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(labels, minlength=num_classes)
+    smallest = int(counts[:num_classes].argmin())
+    if counts[smallest] < per_class:
+        # The smallest class, not the first short one: the fix must hold for every class.
+        raise DataError(f"data.labels_per_class={per_class} but class {smallest} has only "
+                        f"{int(counts[smallest])} training images outside validation: use at most "
+                        f"{int(counts[smallest])}, or lower data.validation_size.")
     chosen = []
     for cls in range(num_classes):
         members = torch.nonzero(labels == cls).flatten()
-        if len(members) < per_class:
-            raise DataError(f"data.labels_per_class={per_class} but class {cls} has only "
-                            f"{len(members)} training images outside validation; lower it.")
         chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
     return torch.sort(torch.cat(chosen)).values
 

@@ -73,6 +73,15 @@ def test_labelled_subset_has_n_per_class_without_repeats_and_is_seeded():
     assert not torch.equal(chosen, labelled_indices(labels, 7, seed=4))
 
 
+def test_too_many_labels_per_class_names_the_smallest_class_and_the_validation_size():
+    # Class 1 is the first short of 95, class 9 the smallest: a fix must hold for it.
+    labels = torch.repeat_interleave(torch.arange(10), torch.tensor([100, 90] + [100] * 7 + [60]))
+    with pytest.raises(DataError, match="class 9 has only 60 training images outside validation: "
+                                        "use at most 60, or lower data.validation_size"):
+        labelled_indices(labels, 95, seed=0)
+    assert len(labelled_indices(labels, 60, seed=0)) == 600
+
+
 def test_split_keeps_validation_fixed_and_labelled_out_of_unlabelled():
     train, test = make_synthetic(600, 50, 28)
     ids = torch.arange(len(train))
@@ -136,11 +145,32 @@ def test_download_writes_the_verified_file_and_leaves_nothing_on_failure(tmp_pat
     try:
         path = fetch_verified("a.gz", md5sum(served / "a.gz"), cache, True, mirror)
         assert path.read_bytes() == (served / "a.gz").read_bytes()
-        with pytest.raises(DataError, match="could not download b.gz.*data.root"):
+        with pytest.raises(DataError, match=f"{cache / 'b.gz'} is missing, and it could not be "
+                                            f"downloaded .*data.root"):
             fetch_verified("b.gz", "0" * 32, cache, True, mirror)
         assert sorted(p.name for p in cache.iterdir()) == ["a.gz"]
     finally:
         server.shutdown()
+
+
+def test_a_data_root_that_is_wrong_is_named_before_any_download(tmp_path):
+    from daae.data import fetch_verified
+
+    offline = ("http://127.0.0.1:9/",)  # the discard port: nothing answers
+    with pytest.raises(DataError, match=f"{tmp_path / 'typo'} does not exist, and it could not be downloaded"):
+        fetch_verified("a.gz", "0" * 32, tmp_path / "typo", True, offline)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match=f"{tmp_path / 'file'} is a file, not a folder. Put"):
+        fetch_verified("a.gz", "0" * 32, tmp_path / "file", False, offline)
+    write_idx(tmp_path / "a", torch.zeros(3, 2, dtype=torch.uint8))
+    with pytest.raises(DataError, match="a.gz is missing \\(a is there unzipped: gzip it"):
+        fetch_verified("a.gz", "0" * 32, tmp_path, False, offline)
+    (tmp_path / "b.gz").symlink_to("/proc/self/mem")  # reading it fails with an I/O error
+    with pytest.raises(DataError, match="b.gz cannot be read .*check its permissions"):
+        fetch_verified("b.gz", "0" * 32, tmp_path, False, offline)
+    write_idx(tmp_path / "c.gz", torch.zeros(3, 2, dtype=torch.uint8))
+    with pytest.raises(DataError, match="Delete it \\(with data.download=true it is downloaded again\\)"):
+        fetch_verified("c.gz", "0" * 32, tmp_path, False, offline)
 
 
 def _bright_pixels(image):
