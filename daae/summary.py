@@ -69,10 +69,7 @@ def _read_metrics(run_dir: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run_dir} is not a finished `daae train` run "
                           f"(metrics.json is written at the end of training)")
-    # Only training writes metrics.json (daae eval prints its figures), so a
-    # damaged one comes back only by training the last stretch again.
-    again = (f"resume the run to write it again (daae train --resume {run_dir}), or leave "
-             f"{run_dir} out")
+    again = _write_again(run_dir)
     try:
         metrics = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -87,6 +84,12 @@ def _read_metrics(run_dir: Path) -> dict:
                           f"since: its metrics.json is from step {metrics.get('step')}. Wait for it, "
                           f"or read its evaluations so far with --at STEP or --between FIRST LAST")
     return metrics
+
+
+def _write_again(run_dir: Path) -> str:
+    # Only training writes metrics.json (daae eval prints its figures), so a
+    # damaged one comes back only by training the last stretch again.
+    return f"resume the run to write it again (daae train --resume {run_dir}), or leave {run_dir} out"
 
 
 def _still_resuming(path: Path, metrics: dict, entries: list[dict], again: str) -> bool:
@@ -107,8 +110,7 @@ def _value(metrics: dict, split, name, scale, path) -> float | None:
     source = metrics if split is None else metrics.get(split)
     if source is not None and not isinstance(source, dict):
         raise ConfigError(f"{path}: its {split} holds a {type(source).__name__}, not the mapping of "
-                          f"metrics daae train writes: resume the run to write it again (daae train "
-                          f"--resume {path.parent}), or leave {path.parent} out")
+                          f"metrics daae train writes: {_write_again(path.parent)}")
     if name in OPTIONAL and (source is None or source.get(name) is None):
         return None
     if source is None or name not in source:

@@ -35,10 +35,7 @@ class LossTracker:
         names = tuple(losses)
         values = torch.stack(tuple(losses.values()))
         if names not in self.sums:
-            self.sums[names] = torch.zeros(len(names), device=self.device)
-            self.counts[names] = 0
-            self.first_bad[names] = torch.full((len(names),), self.NEVER, dtype=torch.long,
-                                               device=self.device)
+            self._begin(names, torch.zeros(len(names), device=self.device), 0)
         self.sums[names] += values
         self.counts[names] += 1
         first_bad = self.first_bad[names]
@@ -53,7 +50,10 @@ class LossTracker:
     def restore(self, names: tuple, sums: torch.Tensor, count: int) -> None:
         """Go on from a checkpoint's ``partial_sums`` entry (no loss was
         non-finite there: the checkpoint is written after the check)."""
-        self.sums[names] = sums.to(self.device).clone()
+        self._begin(names, sums.to(self.device).clone(), count)
+
+    def _begin(self, names: tuple, sums: torch.Tensor, count: int) -> None:
+        self.sums[names] = sums
         self.counts[names] = count
         self.first_bad[names] = torch.full((len(names),), self.NEVER, dtype=torch.long,
                                            device=self.device)
