@@ -15,6 +15,21 @@ log = logging.getLogger("daae")
 USER_ERRORS = (ConfigError, CheckpointError, DataError)
 
 
+def _refuse_moves(resume: str, overrides: list[str]) -> None:
+    """A resume goes on in its own folder: an override of run.dir or run.name
+    that points elsewhere would only be written into config.yaml."""
+    from .runs import FOLDER_KEYS
+    from .schema import apply_overrides
+
+    given = apply_overrides({}, overrides).get("run") or {}
+    for key in FOLDER_KEYS:
+        name = key.split(".")[1]
+        if name in given:
+            raise ConfigError(
+                f"{key}: --resume {resume} goes on in that folder, wherever {key} points; to "
+                f"move the run, copy its folder (cp -r {resume} NEW) and resume the copy")
+
+
 def _train(args) -> int:
     from .config import load_config
     from .runs import load_run_config
@@ -27,6 +42,8 @@ def _train(args) -> int:
         config = load_config(args.config, args.overrides)
     else:
         raise ConfigError("daae train needs --config FILE (or --resume RUN_DIR)")
+    if args.resume:
+        _refuse_moves(args.resume, args.overrides)
     try:
         result = train(config, resume=args.resume)
     except NonFiniteLossError as exc:  # its message says what to change and what was kept

@@ -288,12 +288,24 @@ def to_dict(config) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """The config of a YAML file and ``dotted.key=value`` overrides. An error
+    names where its cause was written: the file, or the override."""
     values = read_yaml(path) if path is not None else {}
+    in_file = f" (in {path})" if path is not None else ""
     try:
-        return from_dict(apply_overrides(values, list(overrides)))
+        build_dataclass(Config, values)
     except ConfigError as exc:
-        where = f" (in {path})" if path is not None else ""
-        raise ConfigError(f"{exc}{where}") from None
+        raise ConfigError(f"{exc}{in_file}") from None
+    for override in overrides:
+        try:
+            build_dataclass(Config, apply_overrides(values, [override]))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in the override '{override}')") from None
+    try:
+        return from_dict(values)
+    except ConfigError as exc:  # a check across keys: the file's, the overrides' or both
+        given = f"{in_file[:-1]} with the overrides)" if overrides and in_file else in_file
+        raise ConfigError(f"{exc}{given}") from None
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -50,13 +50,16 @@ def cache_dir() -> Path:
     return cache_root() / "classifiers"
 
 
-def data_fingerprint(images: ImageSet, epochs: int) -> str:
-    """A hash of the training images, labels and recipe: a checker is reused
-    only for exactly the data and training it was made with."""
+def data_fingerprint(images: ImageSet, epochs: int, test: ImageSet) -> str:
+    """A hash of the training images, labels and recipe, and of the test set
+    the cached accuracy was read on: a checker is reused only for exactly the
+    data and training it was made with."""
     digest = hashlib.sha256()
     digest.update(f"v{CHECKER_VERSION}-e{epochs}-{tuple(images.images.shape)}".encode())
-    digest.update(images.images.contiguous().numpy().tobytes())
-    digest.update(images.labels.contiguous().numpy().tobytes())
+    for part in (images, test):
+        digest.update(f"-{tuple(part.images.shape)}".encode())
+        digest.update(part.images.contiguous().numpy().tobytes())
+        digest.update(part.labels.contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -107,7 +110,7 @@ def load_checker(data: SemiSupervisedData, dataset: str, device, epochs: int = 2
                  directory: str | Path | None = None) -> tuple[nn.Module, float]:
     """The cached checker for this data, trained (and cached) on first use."""
     train = data.train_images()
-    path = Path(directory or cache_dir()) / f"{dataset}-{data_fingerprint(train, epochs)}.pt"
+    path = Path(directory or cache_dir()) / f"{dataset}-{data_fingerprint(train, epochs, data.test)}.pt"
     channels = data.image_shape[0]
     if path.is_file():
         try:

@@ -25,11 +25,26 @@ def _fooling_gradient(critic_input_grad: torch.Tensor, fake_logits: torch.Tensor
     critic's input gradient per sample by their ratio, -(critic_batch / n) exp(-l),
     gives the encoder its gradient without a second pass through the critic.
     The exponent is capped where sigmoid(l) nears fp32's floor; a critic that
-    certain (l < -60) is far outside a working adversarial game.
+    certain (l < -60) is far outside a working adversarial game. Under fp16
+    the critic's gradient underflows from about l = -20, so fp16 takes the
+    fooling gradients from a pass of their own (``_fooling_pass``).
     """
     n = len(fake_logits)
     ratio = -(critic_batch / n) * torch.exp((-fake_logits).clamp(max=60.0))
     return critic_input_grad * ratio.view(-1, *([1] * (critic_input_grad.dim() - 1)))
+
+
+def _fooling_pass(dz_logits: torch.Tensor, dy_logits: torch.Tensor, z_at_dz: torch.Tensor,
+                  q_at_dy: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16's d fooled_bce / d code for D_z and D_y: a backward of the scaled
+    fooling losses to the codes alone (no weight gradients), before the critics'
+    step changes the weights that backward reads. Unlike the critic's own
+    gradient, sigmoid(l) / n, the fooling gradient (sigmoid(l) - 1) / n is
+    largest where the critic is surest, so it does not underflow."""
+    n = len(z_at_dz)
+    fooling = fooled_bce(dz_logits[-n:, None]) + fooled_bce(dy_logits[-n:, None])
+    grad_z, grad_q = torch.autograd.grad(fooling * scale, (z_at_dz, q_at_dy), retain_graph=True)
+    return grad_z / scale, grad_q / scale
 
 
 def _loss_scale(ctx: StepContext) -> float:
@@ -181,18 +196,25 @@ def _critic_step(ctx: StepContext, critic_optimizer, forward: _Forward, z_c_inpu
     losses = {"discriminator_z": loss_dz, "discriminator_y": loss_dy, "correlation": loss_c,
               "adversarial_z": fooled_bce(fake_dz[:, None]),
               "adversarial_y": fooled_bce(fake_dy[:, None])}
+    scale = _loss_scale(ctx)
     grad_decorrelation = None
     if decorrelate:
         losses["decorrelation"] = decorrelation_loss(c_logits, targets, objective)
         if objective != "maximize_ce":
-            # Not C's loss negated: needs its own (input-gradient-only) pass back through C.
-            (grad_decorrelation,) = torch.autograd.grad(losses["decorrelation"], z_at_c,
+            # Not C's loss negated: needs its own (input-gradient-only) pass back
+            # through C, scaled as every fp16 backward is.
+            (grad_decorrelation,) = torch.autograd.grad(losses["decorrelation"] * scale, z_at_c,
                                                         retain_graph=True)
-    scale = _loss_scale(ctx)
+            grad_decorrelation = grad_decorrelation / scale
+    fp16 = getattr(ctx.accelerator, "scaler", None) is not None
+    if fp16:
+        fooling_z, fooling_q = _fooling_pass(dz_logits, dy_logits, z_at_dz, q_at_dy, scale)
     ctx.step(critic_optimizer, loss_dz + loss_dy + loss_c)
+    if not fp16:
+        fooling_z = _fooling_gradient(z_at_dz.grad / scale, fake_dz, 2 * n)
+        fooling_q = _fooling_gradient(q_at_dy.grad / scale, fake_dy, 2 * n)
 
-    grad_z = weights.adversarial_z * _fooling_gradient(z_at_dz.grad / scale, fake_dz, 2 * n)
-    grad_q = weights.adversarial_y * _fooling_gradient(q_at_dy.grad / scale, fake_dy, 2 * n)
+    grad_z, grad_q = weights.adversarial_z * fooling_z, weights.adversarial_y * fooling_q
     if decorrelate:
         # maximize_ce is C's own loss negated, so its gradient is C's, reversed.
         grad_decorrelation = weights.decorrelation * (

@@ -61,6 +61,11 @@ def _dotted(values: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Where the run folder is: a resume goes on in the folder it is given (a copy
+# elsewhere included) and writes that folder's place into config.yaml.
+FOLDER_KEYS = ("run.dir", "run.name")
+
+
 def config_changes(before: dict, after: Config) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (value before, value after) for every key a resume changed.
     ``before`` is the config a checkpoint was written with; a key it lacks
@@ -68,7 +73,7 @@ def config_changes(before: dict, after: Config) -> dict[str, tuple[Any, Any]]:
     defaults = _dotted(to_dict(from_dict({})))
     old = defaults | _dotted(before)
     return {key: (old.get(key), value) for key, value in _dotted(to_dict(after)).items()
-            if old.get(key) != value}
+            if old.get(key) != value and key not in FOLDER_KEYS}
 
 
 def refuse_split_changes(changes: dict[str, tuple[Any, Any]], problem: str, fix: str) -> None:

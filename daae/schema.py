@@ -55,6 +55,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     value = command_line_value(value, hint)
     if hint is Any:
         return value
+    if isinstance(value, NonDecimalInt):
+        raise ConfigError(f"{key}: YAML 1.1 reads {value.text} as {int(value)} (not base 10): "
+                          f"write the number in decimal, or quote it for a text")
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -91,7 +94,24 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
     name = getattr(hint, "__name__", str(hint))
-    raise ConfigError(f"{key}: expected {name}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key}: expected {name}, got {value!r} ({type(value).__name__}){_fix_for(value, hint)}")
+
+
+def _fix_for(value: Any, hint: Any) -> str:
+    """The fix for the wrong-type values people write most."""
+    if hint is str and isinstance(value, bool):
+        return ("; YAML reads an unquoted yes/no/on/off/true/false as a boolean: quote the text "
+                "(for example 'no')")
+    if isinstance(value, str) and value.strip().lower() in ("none", "null", "nil"):
+        return "; write null (or ~) for none"
+    if hint is int and isinstance(value, (str, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            return ""
+        if math.isfinite(number) and number == int(number):
+            return f"; write it as a whole number: {int(number)}"
+    return ""
 
 
 def build_dataclass(cls, values: Any, prefix: str = ""):
@@ -125,7 +145,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}': expected the form dotted.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_text(raw, _ConfigLoader) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{text}': the value is not valid YAML ({exc})") from None
     if not isinstance(value, (dict, list)):
@@ -161,20 +181,67 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class NonDecimalInt(int):
+    """An int YAML 1.1 read in another base (010 is 8, 0x10 16, 1:30 90): the
+    checks refuse it where a number is meant, naming the text."""
+
+    def __new__(cls, number: int, text: str):
+        self = super().__new__(cls, number)
+        self.text = text
+        return self
+
+    def __getnewargs__(self):
+        return int(self), self.text
+
+
+# A search writes the values it was given back to YAML (search.yaml).
+yaml.SafeDumper.add_representer(NonDecimalInt, yaml.representer.SafeRepresenter.represent_int)
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _ConfigLoader(yaml.SafeLoader):
     """yaml.safe_load, except that a key written twice in one mapping is an
-    error: plain YAML keeps the last, and the first block's settings vanish."""
+    error (plain YAML keeps the last, and the first block's settings vanish),
+    and an int written in another base than 10 is marked (``NonDecimalInt``)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:  # `<<: *anchor`: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                repeated = key in seen
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a name, not a list or a mapping", key_node.start_mark) from None
+            if repeated:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"the key '{key}' appears twice in one mapping (keep one)",
                     key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        number = super().construct_yaml_int(node)
+        digits = str(node.value).replace("_", "").lstrip("+-")
+        if digits == "0" or (digits.isdigit() and not digits.startswith("0")):
+            return number
+        return NonDecimalInt(number, str(node.value))
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+
+
+def _load_text(text: str, loader_class, name: str | None = None) -> Any:
+    loader = loader_class(text)
+    if name is not None:
+        loader.name = name  # YAML's messages then name the file, not "<unicode string>"
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -183,14 +250,10 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file '{path}' is a folder: pass a YAML file in it")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
-    loader = _UniqueKeyLoader(path.read_text())  # text: YAML's messages then quote the line
-    loader.name = str(path)  # and name the file, not "<unicode string>"
-    try:
-        values = loader.get_single_data()
+    try:  # the text, so that YAML's messages quote the line
+        values = _load_text(path.read_text(), _ConfigLoader, str(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
-    finally:
-        loader.dispose()
     if values is None:
         return {}
     if not isinstance(values, dict):

@@ -217,6 +217,8 @@ def train(config: Config, *, resume: str | Path | None = None, run_dir: str | Pa
     if config.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 on CPU")
     run_dir = _resolve_run_dir(config, accelerator, run_dir, resume)
+    if resume is not None:  # config.yaml says where the run is, whichever --config named it
+        config = replace(config, run=replace(config.run, dir=str(run_dir.parent), name=run_dir.name))
     # What can fail on the config or the data fails before the folder is made or locked.
     data = load_data(config.data, config.seed)
     setup = prepare_training(config, accelerator, data)

@@ -148,3 +148,61 @@ def test_quotes_around_a_text_value_are_yamls():
     assert (config.model.kind, config.run.name) == ("conv", "quoted run")
     assert load_config(CONFIGS[0], ["run.name=off"]).run.name == "off"  # the text, not YAML's False
 
+
+
+def test_yaml_merge_keys_are_read_and_a_list_as_a_key_is_refused(tmp_path):
+    from daae.schema import read_yaml
+
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("arms:\n  a: &base {train.lr: 0.001, train.epochs: 3}\n"
+                      "  b: {<<: *base, train.epochs: 4}\n")
+    assert read_yaml(shared)["arms"]["b"] == {"train.lr": 0.001, "train.epochs": 4}
+    shared.write_text("arms:\n  a: &base {train.lr: 0.001}\n  b: {<<: *base, x: 1, x: 2}\n")
+    with pytest.raises(ConfigError, match="the key 'x' appears twice"):
+        read_yaml(shared)
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("train:\n  [1, 2]: 3\n")
+    with pytest.raises(ConfigError, match=r"listed\.yaml' is not valid YAML: a key must be a name"):
+        load_config(listed)
+
+
+@pytest.mark.parametrize("written,names", [
+    ("seed=010", "seed: YAML 1.1 reads 010 as 8"),
+    ("seed=0x10", "seed: YAML 1.1 reads 0x10 as 16"),
+    ("train.lr=0b1", "train.lr: YAML 1.1 reads 0b1 as 1"),
+    ("train.max_steps=1:30", "train.max_steps: YAML 1.1 reads 1:30 as 90"),
+    ("train.max_steps=None", "write null"),
+    ("train.max_steps=1e4", "write it as a whole number: 10000"),
+])
+def test_numbers_yaml_reads_otherwise_than_written_are_refused_with_the_fix(tmp_path, written, names):
+    with pytest.raises(ConfigError, match=names):
+        load_config(CONFIGS[0], [written])
+    key, value = written.split("=")
+    section, _, leaf = key.rpartition(".")
+    path = tmp_path / "file.yaml"
+    path.write_text(f"{section}:\n  {leaf}: {value}\n" if section else f"{leaf}: {value}\n")
+    with pytest.raises(ConfigError, match=names):
+        load_config(path)
+    assert load_config(CONFIGS[0], ["run.name=010", "seed=10", "seed=0"]).run.name == "010"
+
+
+def test_an_unquoted_no_for_a_text_key_in_a_file_says_to_quote_it(tmp_path):
+    path = tmp_path / "bool.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    with pytest.raises(ConfigError,
+                       match=r"mixed_precision: expected str, got False \(bool\); YAML reads an unquoted"):
+        load_config(path)
+    path.write_text("train:\n  mixed_precision: 'no'\n")
+    assert load_config(path).train.mixed_precision == "no"
+
+
+def test_an_error_names_the_override_or_the_file_it_was_written_in(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*\(in the override 'trian\.lr=1e-4'\)$"):
+        load_config(CONFIGS[0], ["seed=1", "trian.lr=1e-4"])
+    path = tmp_path / "typo.yaml"
+    path.write_text("trian:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=rf"unknown key 'trian'.*\(in {path}\)$"):
+        load_config(path, ["seed=1"])
+    # A check across keys names both places.
+    with pytest.raises(ConfigError, match=rf"eval\.probe_patience.*\(in {CONFIGS[0]} with the overrides\)$"):
+        load_config(CONFIGS[0], ["eval.probe_holdout=0"])

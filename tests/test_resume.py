@@ -361,3 +361,23 @@ def test_a_run_that_stopped_before_its_first_checkpoint_says_how_to_start_it_aga
                                                          r"start it again with daae train --config"):
         train(tiny_config(tmp_path, "run.name=r"), resume=tmp_path / "r")
 
+
+
+def test_a_resume_goes_on_in_its_folder_and_config_yaml_says_where_it_is(tmp_path, caplog):
+    import yaml
+
+    from daae import cli
+
+    common = ("eval.final_test=false", "eval.probe_epochs=1", "run.checkpoint_every=2")
+    train(tiny_config(tmp_path, "run.name=r", "train.max_steps=2", *common))
+    run = tmp_path / "r"
+    assert cli.main(["train", "--resume", str(run), "run.name=elsewhere", "train.max_steps=4"]) == 2
+    assert "run.name: --resume" in caplog.text and "cp -r" in caplog.text
+    assert checkpoint.load(run)["step"] == 2
+    # --config names another place (a timestamped name): the run goes on where it is.
+    assert cli.main(["train", "--config", str(SMOKE), "--resume", str(run), "run.progress_bar=false",
+                     "train.max_steps=4", *common]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())["run"]
+    assert (saved["dir"], saved["name"]) == (str(tmp_path), "r")
+    assert checkpoint.load(run)["step"] == 4
+    assert "run." not in (run / "resumes.yaml").read_text()  # the folder keys are not changes

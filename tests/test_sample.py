@@ -314,6 +314,19 @@ def test_checker_is_loaded_from_cache_not_retrained(run, checker_dir, monkeypatc
     assert 0.0 <= metrics["generation_consistency"] <= 1.0
 
 
+def test_a_cached_checker_is_not_reused_for_another_test_set(run, checker_dir, monkeypatch):
+    # Its cached accuracy was read on the test set it was trained beside.
+    import daae.consistency as consistency
+
+    checker, _ = load_checker(run.data, "synthetic", "cpu", directory=checker_dir)
+    trained = []
+    monkeypatch.setattr(consistency, "train_checker",
+                        lambda *args, **kwargs: trained.append(args) or (checker, 0.5))
+    fewer = replace(run.data, test=run.data.test.subset(torch.arange(len(run.data.test) // 2)))
+    assert load_checker(fewer, "synthetic", "cpu", directory=checker_dir)[1] == 0.5
+    assert len(trained) == 1 and trained[0][1] is fewer.test
+
+
 def test_a_checker_cache_that_cannot_be_written_costs_a_warning_not_the_metrics(run, tmp_path,
                                                                                 monkeypatch, caplog):
     import daae.consistency as consistency

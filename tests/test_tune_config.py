@@ -85,6 +85,17 @@ def test_check_via_both_entry_points(tmp_path, capsys):
     assert yaml.safe_load(proc.stdout)["num_samples"] == 7
 
 
+def test_check_of_a_seeds_search_needs_no_ray(capsys, monkeypatch):
+    seeds = ROOT / "configs" / "tune" / "decorrelation_seeds.yaml"
+    assert daae_main(["tune", "--check", "--config", str(seeds)]) == 0
+    assert "# c0: {" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "ray.tune.search.variant_generator", None)  # Ray not installed
+    assert daae_main(["tune", "--check", "--config", str(seeds)]) == 0
+    out = capsys.readouterr().out
+    assert "install it (pip install 'daae[tune]')" in out and "# c0:" not in out
+    assert yaml.safe_load(out)["seeds"] == [0, 1, 2]
+
+
 # ------------------------------------------------------------------------ overrides
 
 def test_command_line_overrides_reach_search_and_trainer_keys(tmp_path):

@@ -58,7 +58,12 @@ def _draws(spec) -> str:
         return ""
     if spec.file.seed is None:
         return "# seed: null: the draws are made afresh when the search starts\n"
-    lines = [f"# c{index}: {values}" for index, values in enumerate(spec.sampled_configs())]
+    try:
+        draws = spec.sampled_configs()
+    except ImportError:  # --check needs no Ray; only Ray's generator knows its draws
+        return ("# the draws are Ray Tune's: install it (pip install 'daae[tune]') to list them "
+                "here; the search draws them when it starts\n")
+    lines = [f"# c{index}: {values}" for index, values in enumerate(draws)]
     return f"# each trained on seeds {spec.file.seeds}:\n" + "\n".join(lines) + "\n"
 
 
