@@ -298,7 +298,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         raise ConfigError(f"{exc}{in_file}") from None
     for override in overrides:
         try:
-            build_dataclass(Config, apply_overrides(values, [override]))
+            values = apply_overrides(values, [override])  # one at a time, to name the culprit
+            build_dataclass(Config, values)
         except ConfigError as exc:
             raise ConfigError(f"{exc} (in the override '{override}')") from None
     try:
@@ -413,6 +414,8 @@ def validate(config: Config) -> None:
              "stops on the held-out loss, so it needs eval.probe_holdout above 0 (or set it to 0)")
     for name in ("log_every", "eval_every", "checkpoint_every"):
         _require(getattr(config.run, name) >= 1, f"run.{name}", "must be at least 1")
+    _require(config.run.dir.strip() != "", "run.dir",
+             "is empty: name the folder that holds the runs (. for the current one)")
     name = config.run.name
     _require(name is None or (name not in ("", ".", "..") and not set(name) & set("/\\")),
              "run.name", f"must be a plain folder name (it goes under run.dir), got {name!r}")

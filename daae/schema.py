@@ -145,7 +145,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}': expected the form dotted.key=value")
     try:
-        value = _load_text(raw) if raw.strip() else None
+        value = load_yaml_text(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{text}': the value is not valid YAML ({exc})") from None
     if not isinstance(value, (dict, list)):
@@ -235,7 +235,7 @@ class _ConfigLoader(yaml.SafeLoader):
 _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
 
 
-def _load_text(text: str, name: str | None = None) -> Any:
+def load_yaml_text(text: str, name: str | None = None) -> Any:
     loader = _ConfigLoader(text)
     if name is not None:
         loader.name = name  # YAML's messages then name the file, not "<unicode string>"
@@ -252,7 +252,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:  # the text, so that YAML's messages quote the line
-        values = _load_text(path.read_text(), str(path))
+        values = load_yaml_text(path.read_text(), str(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
     if values is None:

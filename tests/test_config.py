@@ -78,6 +78,7 @@ def test_a_crash_while_saving_the_config_leaves_the_old_one(tmp_path, monkeypatc
     ("data.split_seed=18446744073709551616", "data.split_seed: must be in"),
     ("data.labels_per_class=6000", "before data.validation_size takes its share"),
     ("run.name=../../elsewhere", "run.name: must be a plain folder name"),
+    ("run.dir=''", "run.dir: is empty"),
     ("train..lr=1", "expected a dotted key"),
     ("train=3", "train: expected a mapping of its keys, got '3'"),
 ])

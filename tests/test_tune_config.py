@@ -312,6 +312,9 @@ def test_a_search_folder_loads_for_a_resume_unless_its_search_yaml_changed(tmp_p
     (moved / STARTED_FILE).write_text("torn")
     with pytest.raises(SearchError, match=r"\.search_started\.yaml should hold the search as it started"):
         load_experiment(str(moved))
+    (moved / "search.yaml").write_text("name: [moved\n")  # an edit that broke it
+    with pytest.raises(SearchError, match=r"(?s)search\.yaml is not valid YAML .*put it back as it was"):
+        load_experiment(str(moved))
 
 
 # ------------------------------------------------------------------------ objective

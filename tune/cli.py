@@ -7,7 +7,8 @@
 
 ``key=value`` sets the search YAML's own keys (``num_samples=2``,
 ``storage_path=DIR``, ``scheduler.grace_period=500``); trainer keys go through
-``overrides.KEY=VALUE``, search ranges through ``space.KEY={choice: [...]}``.
+``overrides.KEY=VALUE``, search ranges through ``'space.KEY={choice: [...]}'``
+(quoted: the shell would split it at its spaces).
 """
 from __future__ import annotations
 

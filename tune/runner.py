@@ -15,6 +15,8 @@ from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from daae.schema import load_yaml_text
+
 from .space import SearchError
 from .spec import ARM_KEY, SAMPLE_KEY, SEARCH_FILE, SEED_KEY, SearchSpec, parse_search
 from .storage import exists, is_remote, names, read_bytes, read_text, write_bytes, write_text
@@ -232,15 +234,24 @@ def load_experiment(path: str) -> SearchSpec:
     if not exists(f"{path}/{SEARCH_FILE}"):
         raise SearchError(f"{path} is not a daae search folder: it has no {SEARCH_FILE} "
                           f"(pass storage_path/name of a search)")
-    import yaml
-
-    saved = yaml.safe_load(read_text(f"{path}/{SEARCH_FILE}"))
+    saved = _read_saved(path, SEARCH_FILE, f"put it back as it was ({STARTED_FILE} beside it, where "
+                                          f"there is one, holds the search as it started)")
     if isinstance(saved, dict) and exists(f"{path}/{STARTED_FILE}"):  # older searches have none
-        _check_unchanged(path, saved, yaml.safe_load(read_text(f"{path}/{STARTED_FILE}")))
+        _check_unchanged(path, saved, _read_saved(path, STARTED_FILE,
+                                                  "delete it to resume without this check"))
     spec = parse_search(saved, source=None)
     # The folder may have moved since the search started.
     spec.file.storage_path, spec.file.name = path.rsplit("/", 1)
     return spec
+
+
+def _read_saved(path: str, name: str, fix: str):
+    import yaml
+
+    try:
+        return load_yaml_text(read_text(f"{path}/{name}"), f"{path}/{name}")
+    except yaml.YAMLError as exc:
+        raise SearchError(f"{path}/{name} is not valid YAML ({exc}); {fix}") from None
 
 
 def _check_unchanged(path: str, saved: dict, started: dict) -> None:
