@@ -47,10 +47,15 @@ def _fooling_pass(dz_logits: torch.Tensor, dy_logits: torch.Tensor, z_at_dz: tor
     return grad_z / scale, grad_q / scale
 
 
+def _fp16_scaler(ctx: StepContext):
+    """fp16's gradient scaler; None in every other precision."""
+    return getattr(ctx.accelerator, "scaler", None)
+
+
 def _loss_scale(ctx: StepContext) -> float:
     """fp16's loss scale, read before the step that may change it (one host sync);
     1 without fp16."""
-    scaler = getattr(ctx.accelerator, "scaler", None)
+    scaler = _fp16_scaler(ctx)
     return 1.0 if scaler is None else scaler.get_scale()
 
 
@@ -206,7 +211,7 @@ def _critic_step(ctx: StepContext, critic_optimizer, forward: _Forward, z_c_inpu
             (grad_decorrelation,) = torch.autograd.grad(losses["decorrelation"] * scale, z_at_c,
                                                         retain_graph=True)
             grad_decorrelation = grad_decorrelation / scale
-    fp16 = getattr(ctx.accelerator, "scaler", None) is not None
+    fp16 = _fp16_scaler(ctx) is not None
     if fp16:
         fooling_z, fooling_q = _fooling_pass(dz_logits, dy_logits, z_at_dz, q_at_dy, scale)
     ctx.step(critic_optimizer, loss_dz + loss_dy + loss_c)

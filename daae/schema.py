@@ -104,7 +104,7 @@ def _fix_for(value: Any, hint: Any) -> str:
                 "(for example 'no')")
     if isinstance(value, str) and value.strip().lower() in ("none", "null", "nil"):
         return "; write null (or ~) for none"
-    if hint is int and isinstance(value, (str, float)) and not isinstance(value, bool):
+    if hint is int and isinstance(value, (str, float)):  # a bool is neither
         try:
             number = float(value)
         except ValueError:
